@@ -1,0 +1,1 @@
+"""tvkd-ray: Teacher Value-based Knowledge Distillation (DPO + teacher potential shaping) on Ray."""

@@ -1,0 +1,492 @@
+"""Typed, documented configuration (SPEC §5).
+
+One dataclass per concern, a ``help`` string per field, validation in ``__post_init__`` (per
+section) and in :meth:`TVKDConfig.validate` (across sections). YAML files and dotted CLI flags
+(``--loss.alpha 0.5``) map onto the same tree; unknown keys, wrong types and incompatible
+combinations raise :class:`~tvkd_ray.errors.ConfigError` with one line naming them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from tvkd_ray.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLED_DATA = REPO_ROOT / "examples" / "data" / "bundled"
+
+
+def _field(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with its documentation, shown by ``--help`` and in docs/CONFIG.md."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: default, metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _check_pool(section: str, num_actors: int, cpus: float, gpus: float) -> None:
+    _require(num_actors >= 1, f"{section}.num_actors", f"must be >= 1, got {num_actors}")
+    _require(cpus > 0, f"{section}.num_cpus_per_actor", f"must be > 0, got {cpus}")
+    _require(gpus >= 0, f"{section}.num_gpus_per_actor", f"must be >= 0, got {gpus}")
+
+
+@dataclass
+class RunConfig:
+    """What this run is and where its outputs go."""
+
+    name: str = _field(
+        "tvkd-default",
+        "Run name. Outputs go to <output_dir>/<name>; rerunning with the same name and output_dir "
+        "resumes from the last checkpoint and continues the same MLflow run.",
+    )
+    output_dir: str = _field(
+        "~/tvkd-ray-outputs",
+        "Root for run outputs, checkpoints and the default MLflow store. Resolved to an absolute "
+        "path at start-up (a Ray job's working directory is a temporary copy).",
+    )
+    seed: int = _field(0, "Seed for model initialisation, data order and dropout.")
+    stage: Literal["tvkd", "dpo", "sft"] = _field(
+        "tvkd",
+        "tvkd: DPO plus the teacher's shaping reward; dpo: plain DPO (alpha = 0, no teacher "
+        "actors); sft: behaviour cloning on chosen responses (no reference, no teacher).",
+    )
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name.strip()), "run.name", "must not be empty")
+        _require("/" not in self.name, "run.name", f"must not contain '/': {self.name!r}")
+
+
+@dataclass
+class StudentConfig:
+    """The model being trained."""
+
+    model: str = _field(
+        "smollm2-135m-instruct",
+        "Base model: a preset name (smollm2-135m-instruct, tiny-teacher, tiny-student), a local "
+        "directory, or a hub id when online. The student is built from it (see num_layers, init).",
+    )
+    tokenizer: str | None = _field(None, "Tokenizer; null means the student model's own.")
+    num_layers: int | None = _field(
+        None, "Keep only this many decoder layers of the base model (null keeps all)."
+    )
+    init: Literal["pretrained", "from_config"] = _field(
+        "pretrained",
+        "pretrained: copy the base model's weights (its first num_layers layers); from_config: "
+        "random initialisation from the base model's config with run.seed.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = _field(
+        "auto", "Weights dtype; auto is float32 on CPU and bfloat16 autocast on GPU."
+    )
+    trust_remote_code: bool = _field(
+        False, "Allow model repositories to run their own code (off by default for safety)."
+    )
+
+    def __post_init__(self) -> None:
+        _require(
+            self.num_layers is None or self.num_layers >= 1,
+            "student.num_layers",
+            f"must be >= 1, got {self.num_layers}",
+        )
+
+
+@dataclass
+class ReferenceConfig:
+    """The frozen reference model pi_ref, served by its own actor pool."""
+
+    model: str | None = _field(
+        None, "Reference model; null means the student's initial weights (the usual DPO setup)."
+    )
+    num_actors: int = _field(1, "Reference actors in the pool.")
+    num_cpus_per_actor: float = _field(1.0, "CPUs reserved by each reference actor.")
+    num_gpus_per_actor: float = _field(0.0, "GPUs reserved by each reference actor.")
+    batch_size: int = _field(8, "Pairs per reference forward pass.")
+
+    def __post_init__(self) -> None:
+        _check_pool("reference", self.num_actors, self.num_cpus_per_actor, self.num_gpus_per_actor)
+        _require(self.batch_size >= 1, "reference.batch_size", "must be >= 1")
+
+
+@dataclass
+class TeacherConfig:
+    """The large teacher whose value function gives the potentials, served by its own actors."""
+
+    model: str | None = _field(
+        "smollm2-135m-instruct", "Teacher model (preset, local directory or hub id)."
+    )
+    ref_model: str | None = _field(
+        None,
+        "The teacher's pre-DPO checkpoint; required by loss.potential = implicit_reward.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = _field(
+        "auto", "Teacher dtype; auto is float32 on CPU and bfloat16 on GPU."
+    )
+    num_actors: int = _field(1, "Teacher actors in the pool.")
+    num_cpus_per_actor: float = _field(1.0, "CPUs reserved by each teacher actor.")
+    num_gpus_per_actor: float = _field(
+        0.0, "GPUs per teacher actor; above 1 the teacher is spread over them (device_map)."
+    )
+    batch_size: int = _field(8, "Pairs per teacher forward pass.")
+    top_k: int = _field(32, "Teacher top-k tokens streamed for loss.kd_weight > 0.")
+    beta: float = _field(0.1, "beta_T of the implicit_reward potential.")
+    cache: str = _field(
+        "memory",
+        "none: stream potentials every epoch; memory: compute once and keep them in the object "
+        "store; a directory path: write Parquet keyed by a fingerprint and reuse it when it matches.",
+    )
+    max_restarts: int = _field(3, "Times a dead teacher or reference actor is restarted.")
+
+    def __post_init__(self) -> None:
+        _check_pool("teacher", self.num_actors, self.num_cpus_per_actor, self.num_gpus_per_actor)
+        _require(self.batch_size >= 1, "teacher.batch_size", "must be >= 1")
+        _require(self.top_k >= 1, "teacher.top_k", "must be >= 1")
+        _require(self.beta > 0, "teacher.beta", f"must be > 0, got {self.beta}")
+        _require(self.max_restarts >= 0, "teacher.max_restarts", "must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    """Preference data (SPEC §4)."""
+
+    train_path: str | None = _field(
+        str(BUNDLED_DATA / "train.jsonl"),
+        "Training pairs: JSONL (.gz), Parquet or a saved Hugging Face dataset directory. "
+        "Defaults to the bundled dataset. Ignored when fit() is given a Ray Dataset.",
+    )
+    eval_path: str | None = _field(
+        str(BUNDLED_DATA / "eval.jsonl"), "Evaluation pairs (same formats); null for none."
+    )
+    format: Literal["auto", "standard", "conversational", "implicit_prompt"] = _field(
+        "auto", "Row format; auto detects it from the first row."
+    )
+    max_length: int = _field(256, "Maximum prompt + response tokens; responses are cut on the right.")
+    max_prompt_length: int = _field(128, "Maximum prompt tokens; prompts are cut on the left.")
+    on_invalid: Literal["error", "skip"] = _field(
+        "error", "error: stop on the first invalid row; skip: drop invalid rows and count them."
+    )
+    eval_fraction: float = _field(
+        0.0, "Share of the training pairs held out for evaluation when eval_path is null."
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.max_length >= 2, "data.max_length", "must be >= 2")
+        _require(
+            0 < self.max_prompt_length < self.max_length,
+            "data.max_prompt_length",
+            f"must be in (0, data.max_length={self.max_length}), got {self.max_prompt_length}",
+        )
+        _require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
+
+
+@dataclass
+class LossConfig:
+    """The TVKD objective (SPEC §2)."""
+
+    beta: float = _field(0.1, "DPO temperature beta on the policy/reference log-ratio.")
+    alpha: float = _field(
+        0.5, "Teacher-signal strength alpha on the shaping return; 0 is plain DPO."
+    )
+    gamma: float = _field(
+        0.9, "Discount gamma in [0, 1] of the shaping; with 1 the shaping cancels between pairs."
+    )
+    tau: float = _field(1.0, "Temperature tau of the soft_value potential.")
+    q_scale: float = _field(1.0, "Scale q of the teacher logits read as Q-values.")
+    potential: Literal["soft_value", "implicit_reward"] = _field(
+        "soft_value",
+        "soft_value: tau * logsumexp(q * z / tau) of the teacher logits; implicit_reward: the DPO "
+        "teacher's implicit reward of the prefix (needs teacher.ref_model).",
+    )
+    potential_normalize: bool = _field(
+        False, "Use log_softmax of the teacher logits instead of raw logits in soft_value."
+    )
+    center_potentials: bool = _field(
+        True, "Subtract each sequence's prompt-state potential Phi(s_1) from its potentials."
+    )
+    label_smoothing: float = _field(0.0, "Label smoothing epsilon of the preference loss.")
+    bc_weight: float = _field(0.0, "Weight of behaviour cloning (NLL of chosen responses).")
+    kd_weight: float = _field(
+        0.0, "Weight of token-level KL(teacher || student) over the teacher's top-k on chosen."
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.beta > 0, "loss.beta", f"must be > 0, got {self.beta}")
+        _require(self.alpha >= 0, "loss.alpha", f"must be >= 0, got {self.alpha}")
+        _require(0.0 <= self.gamma <= 1.0, "loss.gamma", f"must be in [0, 1], got {self.gamma}")
+        _require(self.tau > 0, "loss.tau", f"must be > 0, got {self.tau}")
+        _require(
+            0.0 <= self.label_smoothing < 0.5,
+            "loss.label_smoothing",
+            f"must be in [0, 0.5), got {self.label_smoothing}",
+        )
+        _require(self.bc_weight >= 0, "loss.bc_weight", "must be >= 0")
+        _require(self.kd_weight >= 0, "loss.kd_weight", "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """Ray Train student workers and the optimiser."""
+
+    num_workers: int = _field(1, "Data-parallel student workers (Ray Train, DDP).")
+    use_gpu: bool = _field(False, "Give each worker one GPU.")
+    num_cpus_per_worker: float = _field(1.0, "CPUs reserved by each training worker.")
+    batch_size: int = _field(4, "Pairs per worker per step (each forward holds 2x rows).")
+    grad_accum: int = _field(1, "Micro-batches accumulated per optimiser step.")
+    lr: float = _field(5e-6, "AdamW peak learning rate.")
+    weight_decay: float = _field(0.0, "AdamW weight decay.")
+    warmup_ratio: float = _field(0.1, "Share of steps with linear warm-up before cosine decay.")
+    epochs: int = _field(1, "Passes over the training pairs.")
+    max_steps: int | None = _field(None, "Stop after this many optimiser steps (null: epochs).")
+    max_grad_norm: float = _field(1.0, "Gradient clipping norm (0 disables).")
+    log_every: int = _field(1, "Report metrics every this many steps.")
+    save_every: int = _field(0, "Checkpoint every this many steps (0: only at the end).")
+    eval_every: int = _field(0, "Evaluate every this many steps (0: only at the end).")
+    max_failures: int = _field(0, "Worker failures Ray Train recovers from the last checkpoint.")
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= 1, "train.num_workers", "must be >= 1")
+        _require(self.num_cpus_per_worker > 0, "train.num_cpus_per_worker", "must be > 0")
+        _require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _require(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+        _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _require(0.0 <= self.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)")
+        _require(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _require(
+            self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1"
+        )
+        _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
+        _require(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _require(self.save_every >= 0, "train.save_every", "must be >= 0")
+        _require(self.eval_every >= 0, "train.eval_every", "must be >= 0")
+        _require(self.max_failures >= 0, "train.max_failures", "must be >= 0")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking (rank 0 only)."""
+
+    enabled: bool = _field(True, "Log params, metrics and artifacts to MLflow.")
+    uri: str | None = _field(
+        None,
+        "Tracking URI; null means $MLFLOW_TRACKING_URI or sqlite:///<output_dir>/mlflow.db.",
+    )
+    experiment: str = _field("tvkd-ray", "MLflow experiment name.")
+
+
+@dataclass
+class TVKDConfig:
+    """The whole run configuration: one section per concern."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Cross-section checks; each names the incompatible keys."""
+        stage = self.run.stage
+        if stage == "tvkd":
+            _require(
+                bool(self.teacher.model),
+                "teacher.model",
+                "run.stage=tvkd needs a teacher model (or use run.stage=dpo)",
+            )
+        if self.uses_teacher and self.loss.potential == "implicit_reward":
+            _require(
+                bool(self.teacher.ref_model),
+                "teacher.ref_model",
+                "loss.potential=implicit_reward needs the teacher's pre-DPO checkpoint",
+            )
+        _require(
+            not (self.loss.kd_weight > 0 and stage != "tvkd"),
+            "loss.kd_weight",
+            f"needs teacher outputs, so run.stage must be tvkd (got {stage})",
+        )
+        _require(
+            not (self.data.eval_path and self.data.eval_fraction > 0),
+            "data.eval_fraction",
+            "set either data.eval_path or data.eval_fraction, not both",
+        )
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether teacher actors run: TVKD with a shaping or KD term."""
+        return self.run.stage == "tvkd" and (self.loss.alpha > 0 or self.loss.kd_weight > 0)
+
+    @property
+    def alpha(self) -> float:
+        """The shaping strength actually used: 0 unless run.stage is tvkd."""
+        return self.loss.alpha if self.run.stage == "tvkd" else 0.0
+
+    @property
+    def run_dir(self) -> Path:
+        """Absolute directory of this run's outputs."""
+        return resolve_path(self.run.output_dir) / self.run.name
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(TVKDConfig)}
+# `from __future__ import annotations` turns field types into strings; resolve them once.
+SECTIONS = {name: globals()[typ] if isinstance(typ, str) else typ for name, typ in SECTIONS.items()}
+
+
+def resolve_path(path: str) -> Path:
+    """Absolute path with ``~`` expanded (relative paths resolve against the current directory)."""
+    return Path(os.path.expanduser(path)).resolve()
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field annotation, converting only lossless cases (int -> float)."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, globals())  # our own annotations, resolved once per call
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is Literal:
+        if value not in args:
+            choices = " | ".join(str(a) for a in args)
+            raise ConfigError(f"{key}: must be one of {choices}, got {value!r}")
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    name = getattr(annotation, "__name__", str(annotation))
+    raise ConfigError(f"{key}: expected {name}, got {type(value).__name__} {value!r}")
+
+
+def _unknown(key: str, candidates: list[str]) -> ConfigError:
+    hint = difflib.get_close_matches(key.rsplit(".", 1)[-1], candidates, n=1)
+    if not hint:
+        hint = difflib.get_close_matches(key, candidates, n=1)
+    prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    suggestion = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
+    return ConfigError(f"unknown config key '{key}'{suggestion}")
+
+
+def config_from_dict(tree: dict[str, Any] | None) -> TVKDConfig:
+    """Build and validate a config from a nested dict (as loaded from YAML)."""
+    tree = tree or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config must be a mapping of sections, got {type(tree).__name__}")
+    sections = {}
+    for name, section_value in tree.items():
+        if name not in SECTIONS:
+            raise _unknown(name, list(SECTIONS))
+        if section_value is None:
+            section_value = {}
+        if not isinstance(section_value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {type(section_value).__name__}")
+        cls = SECTIONS[name]
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = {}
+        for key, value in section_value.items():
+            if key not in fields:
+                raise _unknown(f"{name}.{key}", list(fields))
+            values[key] = _coerce(f"{name}.{key}", value, fields[key].type)
+        sections[name] = cls(**values)
+    return TVKDConfig(**sections)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None):
+    """Load a YAML file (or the defaults) and apply ``section.key=value`` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        try:
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        section, _, name = key.partition(".")
+        if section not in SECTIONS:
+            raise _unknown(section, list(SECTIONS))
+        section_tree = tree.setdefault(section, {}) or {}
+        tree[section] = section_tree
+        section_tree[name] = yaml.safe_load(raw) if raw != "" else ""
+    return config_from_dict(tree)
+
+
+def field_docs() -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, help) of every field, in declaration order."""
+    rows = []
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((f"{section}.{f.name}", str(f.type), default, f.metadata["help"]))
+    return rows
+
+
+def config_reference_markdown() -> str:
+    """The configuration reference in Markdown (docs/CONFIG.md is generated from it)."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `tvkd_ray/config.py` by `make docs`; do not edit by hand.",
+        "Set a key in the YAML file under its section or on the command line as "
+        "`--section.key value`.",
+    ]
+    current = None
+    for key, typ, default, help_text in field_docs():
+        section = key.split(".")[0]
+        if section != current:
+            current = section
+            doc = (SECTIONS[section].__doc__ or "").strip()
+            lines += ["", f"## `{section}`", "", doc, "", "| key | type | default | meaning |",
+                      "| --- | --- | --- | --- |"]
+        shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+        if section == "data" and isinstance(default, str) and str(REPO_ROOT) in default:
+            shown = default.replace(str(REPO_ROOT) + "/", "<repo>/")
+        typ = typ.replace("|", "\\|")
+        lines.append(f"| `{key}` | `{typ}` | `{shown}` | {help_text} |")
+    return "\n".join(lines) + "\n"
