@@ -171,7 +171,9 @@ class DataConfig:
     format: Literal["auto", "standard", "conversational", "implicit_prompt"] = _field(
         "auto", "Row format; auto detects it from the first row."
     )
-    max_length: int = _field(256, "Maximum prompt + response tokens; responses are cut on the right.")
+    max_length: int = _field(
+        256, "Maximum prompt + response tokens; responses are cut on the right."
+    )
     max_prompt_length: int = _field(128, "Maximum prompt tokens; prompts are cut on the left.")
     on_invalid: Literal["error", "skip"] = _field(
         "error", "error: stop on the first invalid row; skip: drop invalid rows and count them."
@@ -262,9 +264,7 @@ class TrainConfig:
         _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
         _require(0.0 <= self.warmup_ratio < 1.0, "train.warmup_ratio", "must be in [0, 1)")
         _require(self.epochs >= 1, "train.epochs", "must be >= 1")
-        _require(
-            self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1"
-        )
+        _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1")
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
         _require(self.log_every >= 1, "train.log_every", "must be >= 1")
         _require(self.save_every >= 0, "train.save_every", "must be >= 0")
@@ -441,7 +441,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+            raise ConfigError(
+                f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})"
+            ) from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     for item in overrides or []:
@@ -482,8 +484,15 @@ def config_reference_markdown() -> str:
         if section != current:
             current = section
             doc = (SECTIONS[section].__doc__ or "").strip()
-            lines += ["", f"## `{section}`", "", doc, "", "| key | type | default | meaning |",
-                      "| --- | --- | --- | --- |"]
+            lines += [
+                "",
+                f"## `{section}`",
+                "",
+                doc,
+                "",
+                "| key | type | default | meaning |",
+                "| --- | --- | --- | --- |",
+            ]
         shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
         if section == "data" and isinstance(default, str) and str(REPO_ROOT) in default:
             shown = default.replace(str(REPO_ROOT) + "/", "<repo>/")

@@ -1,0 +1,81 @@
+"""What the teacher and reference actors share: load a frozen model once, place it, and run the
+response-only forward of ``tvkd_ray.forward`` on tokenised pair batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from actors.faults import maybe_crash
+from tvkd_ray.data import collate
+from tvkd_ray.forward import response_hidden
+from tvkd_ray.models import load_model, load_tokenizer
+
+
+def place(num_gpus: float, dtype: str) -> tuple[str, str, str | None]:
+    """(device, dtype, device_map): GPUs when reserved and present, bf16 there, fp32 on CPU."""
+    on_gpu = num_gpus > 0 and torch.cuda.is_available()
+    if dtype == "auto":
+        dtype = "bfloat16" if on_gpu else "float32"
+    # A teacher larger than one GPU is spread over the actor's GPUs by accelerate.
+    device_map = "auto" if on_gpu and num_gpus > 1 else None
+    return ("cuda" if on_gpu else "cpu"), dtype, device_map
+
+
+class FrozenModel:
+    """A frozen causal LM in eval mode, scoring the response tokens of collated pair batches."""
+
+    role = "frozen"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str = "auto",
+        num_gpus: float = 0.0,
+        num_threads: int | None = None,
+        trust_remote_code: bool = False,
+    ):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.device, self.dtype, self.device_map = place(num_gpus, dtype)
+        self.model = self.load(model, trust_remote_code)
+        self.pad_id = load_tokenizer(model).pad_token_id
+        self.batches = 0
+        self.tokens = 0
+
+    def load(self, name: str, trust_remote_code: bool):
+        """Load a frozen model with this actor's placement."""
+        model = load_model(
+            name, dtype=self.dtype, device_map=self.device_map, trust_remote_code=trust_remote_code
+        )
+        if self.device_map is None:
+            model = model.to(self.device)
+        return model.eval().requires_grad_(False)
+
+    def forward_batch(self, table: pa.Table) -> dict[str, torch.Tensor]:
+        """Collated batch on the model's input device (chosen rows, then rejected rows)."""
+        self.batches += 1
+        maybe_crash(self.role, self.batches)
+        batch = collate(table.select(["prompt_ids", "chosen_ids", "rejected_ids"]), self.pad_id)
+        device = self.model.get_input_embeddings().weight.device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        self.tokens += int(batch["attention_mask"].sum())
+        return batch
+
+    def hidden(self, model, batch) -> torch.Tensor:
+        return response_hidden(
+            model, batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+        )
+
+
+def split_rows(values: np.ndarray, response_mask: torch.Tensor, num_pairs: int):
+    """Flat per-token values (row-major over the 2B rows) -> (chosen, rejected) list arrays."""
+    lengths = response_mask.sum(dim=1).cpu().numpy()
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    cut = offsets[num_pairs]
+    chosen = pa.ListArray.from_arrays(pa.array(offsets[: num_pairs + 1]), pa.array(values[:cut]))
+    rejected = pa.ListArray.from_arrays(pa.array(offsets[num_pairs:] - cut), pa.array(values[cut:]))
+    return chosen, rejected

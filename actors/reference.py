@@ -1,0 +1,28 @@
+"""Reference actor: the student's frozen reference π_ref scores each response once, so no trainer
+ever holds a second model. Adds ``ref_chosen_logps`` / ``ref_rejected_logps`` (float32 per pair).
+Works as a Ray Data callable class and as a plain actor, like the teacher."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import torch
+
+from actors.inference import FrozenModel
+from tvkd_ray.forward import lm_head_params, row_sums
+from tvkd_ray.potentials import token_logps_from_hidden
+
+
+class ReferenceLogps(FrozenModel):
+    role = "reference"
+
+    @torch.inference_mode()
+    def __call__(self, table: pa.Table) -> pa.Table:
+        batch = self.forward_batch(table)
+        mask = batch["response_mask"]
+        hidden = self.hidden(self.model, batch)
+        weight, bias = lm_head_params(self.model)
+        logps = token_logps_from_hidden(hidden, weight, batch["input_ids"][mask], bias)
+        sums = row_sums(logps.double(), mask).float().cpu().numpy()
+        n = table.num_rows
+        out = table.append_column("ref_chosen_logps", pa.array(sums[:n]))
+        return out.append_column("ref_rejected_logps", pa.array(sums[n:]))

@@ -1,0 +1,63 @@
+"""One forward pass over a collated 2B-row batch, scoring only the response tokens.
+
+The LM head runs on the hidden states of the positions that predict a response token, not on the
+whole sequence: prompts and padding never reach the (vocab-sized) head. The teacher, the reference
+and the student all share this path, so their log-probs line up token for token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tvkd_ray.potentials import token_logps
+
+
+def predicting_positions(response_mask: torch.Tensor) -> torch.Tensor:
+    """Mask of the positions whose next-token prediction is a response token (SPEC §2.2)."""
+    predicting = torch.zeros_like(response_mask)
+    predicting[:, :-1] = response_mask[:, 1:]
+    return predicting
+
+
+def response_hidden(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask
+) -> torch.Tensor:
+    """Final hidden states [N, H] of the N positions that predict response tokens, row-major."""
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)[0]
+    return hidden[predicting_positions(response_mask)]
+
+
+def lm_head_params(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def row_sums(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Sum flat per-token values [N] (row-major over ``response_mask``) into per-row totals."""
+    rows = response_mask.nonzero(as_tuple=True)[0]
+    totals = torch.zeros(response_mask.shape[0], dtype=values.dtype, device=values.device)
+    return totals.index_add(0, rows, values)
+
+
+class ResponseLogps(nn.Module):
+    """Wraps a causal LM so that DDP sees one forward returning per-token response log-probs.
+
+    ``forward`` returns ``(logps [N], topk_logps [N_c, k] | None)``: the log-prob of every response
+    token (row-major over ``response_mask``) and, for KD, the log-probs of the teacher's top-k ids
+    at the first ``N_c`` positions (the chosen rows, which come first in the batch).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, response_mask, topk_ids=None):
+        hidden = response_hidden(self.model, input_ids, attention_mask, response_mask)
+        weight, bias = lm_head_params(self.model)
+        logits = nn.functional.linear(hidden, weight, bias).float()
+        logps = token_logps(logits, input_ids[response_mask])
+        topk_logps = None
+        if topk_ids is not None:
+            topk_logps = token_logps(logits[: topk_ids.shape[0]], topk_ids)
+        return logps, topk_logps

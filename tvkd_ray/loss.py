@@ -1,0 +1,162 @@
+"""The TVKD objective (SPEC §2.3): DPO plus potential-based shaping, and the optional terms.
+
+Shapes: B pairs, T positions. Masks are bool ``[B, T]`` and mark response tokens; they may start
+mid-row (left padding) and need not be contiguous. Values at unmasked positions are ignored.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Lower bound of the "rest" probability in kd_loss: 1 − Σ top-k can round to ≤ 0 in float32.
+_MIN_REST_PROB = 1e-6
+
+
+@dataclass
+class TVKDLossOutput:
+    """Result of ``tvkd_loss``: the differentiable loss and detached per-pair diagnostics ([B])."""
+
+    loss: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    chosen_shaping: torch.Tensor
+    rejected_shaping: torch.Tensor
+    margins: torch.Tensor
+
+
+def shaping_return(
+    potentials: torch.Tensor, mask: torch.Tensor, gamma: float, center: bool = False
+) -> torch.Tensor:
+    """Shaping return S(y) = Σ_t m_t · (γ · Φ(next masked position) − Φ(t)) per row, ``[B]``.
+
+    Φ after the last masked position (terminal) is 0; rows without masked positions give 0.
+    ``center`` subtracts each row's first masked potential Φ(s_1) from all its potentials first.
+    """
+    phi = torch.where(mask, potentials.float(), 0.0)
+    # argmax returns the first maximum, i.e. the first masked position (0 for an empty row,
+    # where phi is 0 anyway).
+    first = phi.gather(-1, mask.long().argmax(dim=-1, keepdim=True)).squeeze(-1)
+    total = phi.sum(dim=-1)
+    if center:
+        total = total - mask.sum(dim=-1) * first
+        first = torch.zeros_like(first)
+    # The sum telescopes (SPEC §2.3): every masked Φ but the first is reached once as "next".
+    return -gamma * first - (1.0 - gamma) * total
+
+
+def tvkd_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    chosen_potentials: torch.Tensor | None,
+    rejected_potentials: torch.Tensor | None,
+    chosen_mask: torch.Tensor,
+    rejected_mask: torch.Tensor,
+    *,
+    beta: float,
+    alpha: float,
+    gamma: float,
+    label_smoothing: float = 0.0,
+    center: bool = False,
+) -> TVKDLossOutput:
+    """TVKD preference loss on ``[B]`` sequence log-probs and ``[B, T]`` teacher potentials.
+
+    h(y) = β · (log π_θ − log π_ref) + α · S(y), Δ = h(y⁺) − h(y⁻) and
+    L = mean(−(1−ε) · log σ(Δ) − ε · log σ(−Δ)). Only the policy log-probs get gradients.
+    With ``alpha == 0`` this is DPO's sigmoid loss and the potentials may be None.
+    """
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps.detach())
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps.detach())
+    if alpha == 0:
+        chosen_shaping = torch.zeros_like(chosen_rewards)
+        rejected_shaping = torch.zeros_like(rejected_rewards)
+    else:
+        chosen_shaping = alpha * shaping_return(
+            chosen_potentials.detach(), chosen_mask, gamma, center
+        )
+        rejected_shaping = alpha * shaping_return(
+            rejected_potentials.detach(), rejected_mask, gamma, center
+        )
+    margins = (chosen_rewards + chosen_shaping) - (rejected_rewards + rejected_shaping)
+    eps = label_smoothing
+    losses = -(1.0 - eps) * F.logsigmoid(margins) - eps * F.logsigmoid(-margins)
+    return TVKDLossOutput(
+        loss=losses.mean(),
+        chosen_rewards=chosen_rewards.detach(),
+        rejected_rewards=rejected_rewards.detach(),
+        chosen_shaping=chosen_shaping,
+        rejected_shaping=rejected_shaping,
+        margins=margins.detach(),
+    )
+
+
+def bc_loss(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Behaviour cloning: mean negative log-prob over the masked tokens (0 if none)."""
+    total = torch.where(mask, token_logps, 0.0).sum()
+    return -total / mask.sum().clamp(min=1)
+
+
+def kd_loss(
+    student_topk_logps: torch.Tensor,
+    teacher_topk_logps: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Forward KL(π_T ‖ π_θ) over the teacher's top-k tokens plus one "rest" bucket.
+
+    Both log-prob tensors are ``[..., k]`` at the same token ids (the teacher's top-k); the KL is
+    averaged over the positions ``[...]``, or over those where ``mask`` is true (0 if none).
+    Only the student gets gradients.
+    """
+    teacher = _with_rest_bucket(teacher_topk_logps.detach().float())
+    student = _with_rest_bucket(student_topk_logps.float())
+    kl = (teacher.exp() * (teacher - student)).sum(dim=-1)
+    if mask is None:
+        return kl.mean()
+    return torch.where(mask, kl, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def preference_metrics(
+    out: TVKDLossOutput,
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    chosen_potentials: torch.Tensor | None = None,
+    chosen_mask: torch.Tensor | None = None,
+    rejected_potentials: torch.Tensor | None = None,
+    rejected_mask: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """SPEC §2.5 metrics of one batch as python floats (means over its pairs).
+
+    ``tvkd/potential_mean`` (mean raw Φ over the masked positions given) is present only when
+    potentials are given.
+    """
+    metrics = {
+        "loss": out.loss.item(),
+        "rewards/chosen": out.chosen_rewards.mean().item(),
+        "rewards/rejected": out.rejected_rewards.mean().item(),
+        "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean().item(),
+        "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean().item(),
+        "logps/chosen": policy_chosen_logps.detach().mean().item(),
+        "logps/rejected": policy_rejected_logps.detach().mean().item(),
+        "tvkd/shaping_chosen": out.chosen_shaping.mean().item(),
+        "tvkd/shaping_rejected": out.rejected_shaping.mean().item(),
+        "tvkd/shaped_margins": out.margins.mean().item(),
+        "tvkd/shaped_accuracies": (out.margins > 0).float().mean().item(),
+    }
+    given = [
+        (phi, mask)
+        for phi, mask in ((chosen_potentials, chosen_mask), (rejected_potentials, rejected_mask))
+        if phi is not None
+    ]
+    if given:
+        total = sum(torch.where(mask, phi.float(), 0.0).sum() for phi, mask in given)
+        count = sum(mask.sum() for _, mask in given)
+        metrics["tvkd/potential_mean"] = (total / count.clamp(min=1)).item()
+    return metrics
+
+
+def _with_rest_bucket(topk_logps: torch.Tensor) -> torch.Tensor:
+    # log(1 − Σ exp(topk)) = log(−expm1(logsumexp(topk))), clamped away from 0.
+    rest = -torch.expm1(topk_logps.logsumexp(dim=-1, keepdim=True))
+    return torch.cat([topk_logps, rest.clamp(min=_MIN_REST_PROB).log()], dim=-1)

@@ -1,0 +1,334 @@
+"""The streaming pipeline (SPEC §3): read → tokenise → teacher pool → reference pool → Ray Train.
+
+Everything before Ray Train is one lazy Ray Data plan: the teacher and reference run as actor
+pools (``map_batches(..., compute=ActorPoolStrategy(size=n))``) with the resources the config
+gives them, and only small Arrow columns (Φ per response token, two log-probs per pair) flow on to
+the trainers. ``teacher.cache`` decides whether the teacher/reference work is redone every epoch
+(``none``), kept in the object store (``memory``) or written to Parquet under a fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import ray
+import ray.train
+
+from actors.reference import ReferenceLogps
+from actors.teacher import TeacherPotentials
+from tvkd_ray.config import TVKDConfig, resolve_path
+from tvkd_ray.data import load_pairs, tokenize_dataset
+from tvkd_ray.errors import ResourceError
+from tvkd_ray.models import build_student, check_tokenizers_compatible, load_tokenizer, resolve_model
+
+logger = logging.getLogger(__name__)
+TOKENIZE_CPUS = 0.5  # tokenising is light; a fractional share keeps it beside the model pools
+
+
+@dataclass
+class ModelPaths:
+    """Local directories of every model the run uses (presets materialised, student built)."""
+
+    student_init: str
+    reference: str
+    tokenizer: str
+    teacher: str | None = None
+    teacher_ref: str | None = None
+
+
+@dataclass
+class Streams:
+    """The datasets handed to Ray Train and what the driver learnt building them."""
+
+    train: ray.data.Dataset
+    eval: ray.data.Dataset | None
+    num_train_pairs: int
+    num_eval_pairs: int
+    data_report: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare_models(cfg: TVKDConfig) -> ModelPaths:
+    """Resolve the models, build the student's initial weights, and check the tokenizers agree
+    before any forward pass (SPEC §4)."""
+    student_init = build_student(
+        cfg.student.model,
+        str(cfg.run_dir / "student_init"),
+        num_layers=cfg.student.num_layers,
+        init=cfg.student.init,
+        seed=cfg.run.seed,
+    )
+    tokenizer = resolve_model(cfg.student.tokenizer) if cfg.student.tokenizer else student_init
+    paths = ModelPaths(
+        student_init=student_init,
+        reference=resolve_model(cfg.reference.model) if cfg.reference.model else student_init,
+        tokenizer=tokenizer,
+    )
+    student_tok = load_tokenizer(tokenizer)
+    others = {"reference": (cfg.reference.model, paths.reference)}
+    if cfg.uses_teacher:
+        paths.teacher = resolve_model(cfg.teacher.model)
+        others["teacher"] = (cfg.teacher.model, paths.teacher)
+        if cfg.loss.potential == "implicit_reward":
+            paths.teacher_ref = resolve_model(cfg.teacher.ref_model)
+            others["teacher.ref_model"] = (cfg.teacher.ref_model, paths.teacher_ref)
+    for role, (name, path) in others.items():
+        if name is not None:
+            check_tokenizers_compatible(
+                load_tokenizer(path),
+                student_tok,
+                f"{role} tokenizer '{name}'",
+                f"student tokenizer '{cfg.student.tokenizer or cfg.student.model}'",
+            )
+    return paths
+
+
+def resource_demand(cfg: TVKDConfig) -> dict[str, dict[str, float]]:
+    """CPUs and GPUs each pool asks for, by pool name."""
+    demand = {
+        "train workers": {
+            "CPU": cfg.train.num_workers * cfg.train.num_cpus_per_worker,
+            "GPU": float(cfg.train.num_workers if cfg.train.use_gpu else 0),
+        },
+        "tokenizer pool": {"CPU": TOKENIZE_CPUS, "GPU": 0.0},
+    }
+    if cfg.run.stage != "sft":
+        r = cfg.reference
+        demand["reference pool"] = {
+            "CPU": r.num_actors * r.num_cpus_per_actor,
+            "GPU": r.num_actors * r.num_gpus_per_actor,
+        }
+    if cfg.uses_teacher:
+        t = cfg.teacher
+        demand["teacher pool"] = {
+            "CPU": t.num_actors * t.num_cpus_per_actor,
+            "GPU": t.num_actors * t.num_gpus_per_actor,
+        }
+    return demand
+
+
+def check_resources(cfg: TVKDConfig) -> None:
+    """Fail in seconds, naming the pool, when the cluster cannot hold every pool at once (a
+    request Ray cannot satisfy would otherwise wait forever)."""
+    available = ray.cluster_resources()
+    demand = resource_demand(cfg)
+    for kind in ("GPU", "CPU"):
+        total = sum(d[kind] for d in demand.values())
+        have = float(available.get(kind, 0.0))
+        if total > have + 1e-9:
+            parts = ", ".join(f"{name} {d[kind]:g}" for name, d in demand.items() if d[kind] > 0)
+            raise ResourceError(
+                f"the cluster has {have:g} {kind}s but the run needs {total:g} ({parts}); "
+                f"lower the per-pool {kind} settings or add nodes"
+            )
+
+
+class ExactlyOnceDataConfig(ray.train.DataConfig):
+    """Split each dataset across the train workers without equalising the shards: Ray Train's
+    default (``equal=True``) drops up to ``num_workers - 1`` rows per epoch, and every pair must
+    be trained exactly once. The train loop copes with uneven shards."""
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        splits = [{} for _ in range(world_size)]
+        for name, ds in datasets.items():
+            ds = ds.copy(ds)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            # Same order every run, so a resumed run and an uninterrupted one see equal batches.
+            ds.context.execution_options.preserve_order = True
+            parts = ds.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)
+            for rank, part in enumerate(parts):
+                splits[rank][name] = part
+        return splits
+
+
+def _source_table(cfg: TVKDConfig, source, tokenizer) -> tuple[pa.Table, dict[str, Any]]:
+    loaded = load_pairs(source, format=cfg.data.format, tokenizer=tokenizer,
+                        on_invalid=cfg.data.on_invalid)
+    report = {"source": loaded.source, "format": loaded.format, "pairs": loaded.table.num_rows}
+    report.update({f"skipped/{reason}": n for reason, n in loaded.skipped.items()})
+    return loaded.table, report
+
+
+def _blocks(table: pa.Table, rows_per_block: int) -> ray.data.Dataset:
+    """A dataset of several blocks, so the actor pools stream and share the work."""
+    slices = [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
+    return ray.data.from_arrow(slices or [table])
+
+
+def _fingerprint_parts(cfg: TVKDConfig, paths: ModelPaths, table: pa.Table) -> dict[str, str]:
+    """What the cached teacher/reference columns depend on, each part hashed on its own so a
+    mismatch can say which part changed."""
+
+    def model_id(path: str | None) -> str:
+        if path is None:
+            return "none"
+        h = hashlib.sha256()
+        for f in sorted(Path(path).glob("*")):
+            if f.suffix in (".json", ".safetensors", ".txt", ".model"):
+                stat = f.stat()
+                h.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+                if f.suffix == ".json":
+                    h.update(f.read_bytes())
+        return h.hexdigest()[:16]
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    loss = cfg.loss
+    return {
+        "data": hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()[:16],
+        "tokenizer": model_id(paths.tokenizer),
+        "teacher": model_id(paths.teacher),
+        "teacher_ref": model_id(paths.teacher_ref),
+        "reference": model_id(paths.reference) if cfg.run.stage != "sft" else "none",
+        "potential": json.dumps(
+            [loss.potential, loss.tau, loss.q_scale, loss.potential_normalize, cfg.teacher.beta,
+             cfg.teacher.top_k if loss.kd_weight > 0 else 0, cfg.uses_teacher]
+        ),
+        "lengths": f"{cfg.data.max_length}/{cfg.data.max_prompt_length}",
+    }
+
+
+def _cached(cfg: TVKDConfig, split: str, parts: dict[str, str], build) -> ray.data.Dataset:
+    """Reuse ``<cache>/<split>-<fingerprint>`` when present, else build, write and read it."""
+    root = resolve_path(cfg.teacher.cache)
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+    target = root / f"{split}-{key}"
+    if (target / "_fingerprint.json").exists():
+        logger.info("teacher cache hit: %s", target)
+        return ray.data.read_parquet(str(target / "data"))
+    previous = sorted(root.glob(f"{split}-*/_fingerprint.json"), key=lambda p: p.stat().st_mtime)
+    if previous:
+        old = json.loads(previous[-1].read_text())
+        changed = sorted(k for k in parts if old.get(k) != parts[k])
+        logger.warning(
+            "teacher cache miss for %s: %s changed since %s; recomputing",
+            split, ", ".join(changed) or "format", previous[-1].parent.name,
+        )
+    tmp = root / f".{target.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    build().write_parquet(str(tmp / "data"))
+    (tmp / "_fingerprint.json").write_text(json.dumps(parts, indent=1))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return ray.data.read_parquet(str(target / "data"))
+
+
+def _scored(cfg: TVKDConfig, paths: ModelPaths, table: pa.Table) -> ray.data.Dataset:
+    """The lazy plan: tokenise, then teacher potentials, then reference log-probs."""
+    ds = tokenize_dataset(
+        _blocks(table, max(cfg.teacher.batch_size, cfg.reference.batch_size)),
+        paths.tokenizer,
+        max_length=cfg.data.max_length,
+        max_prompt_length=cfg.data.max_prompt_length,
+        batch_size=max(cfg.teacher.batch_size, cfg.reference.batch_size),
+        num_cpus=TOKENIZE_CPUS,
+        max_actors=1,
+    )
+    if cfg.uses_teacher:
+        t = cfg.teacher
+        ds = ds.map_batches(
+            TeacherPotentials,
+            fn_constructor_kwargs={
+                "model": paths.teacher,
+                "potential": cfg.loss.potential,
+                "tau": cfg.loss.tau,
+                "q_scale": cfg.loss.q_scale,
+                "normalize": cfg.loss.potential_normalize,
+                "ref_model": paths.teacher_ref,
+                "beta": t.beta,
+                "top_k": t.top_k if cfg.loss.kd_weight > 0 else 0,
+                "dtype": t.dtype,
+                "num_gpus": t.num_gpus_per_actor,
+                "num_threads": max(1, int(t.num_cpus_per_actor)),
+                "trust_remote_code": cfg.student.trust_remote_code,
+            },
+            batch_size=t.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=t.num_actors),
+            num_cpus=t.num_cpus_per_actor,
+            num_gpus=t.num_gpus_per_actor,
+            max_restarts=t.max_restarts,
+            max_task_retries=-1,
+            udf_modifying_row_count=False,
+        )
+    if cfg.run.stage != "sft":
+        r = cfg.reference
+        ds = ds.map_batches(
+            ReferenceLogps,
+            fn_constructor_kwargs={
+                "model": paths.reference,
+                "dtype": cfg.student.dtype,
+                "num_gpus": r.num_gpus_per_actor,
+                "num_threads": max(1, int(r.num_cpus_per_actor)),
+                "trust_remote_code": cfg.student.trust_remote_code,
+            },
+            batch_size=r.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=r.num_actors),
+            num_cpus=r.num_cpus_per_actor,
+            num_gpus=r.num_gpus_per_actor,
+            max_restarts=cfg.teacher.max_restarts,
+            max_task_retries=-1,
+            udf_modifying_row_count=False,
+        )
+    return ds
+
+
+def _stream(cfg: TVKDConfig, paths: ModelPaths, table: pa.Table, split: str) -> ray.data.Dataset:
+    cache = cfg.teacher.cache
+    if cache == "none":
+        return _scored(cfg, paths, table)
+    if cache == "memory":
+        return _scored(cfg, paths, table).materialize()
+    parts = _fingerprint_parts(cfg, paths, table)
+    return _cached(cfg, split, parts, lambda: _scored(cfg, paths, table))
+
+
+def build_streams(cfg: TVKDConfig, paths: ModelPaths, train_dataset=None, eval_dataset=None):
+    """Read and validate the data (before any model work), then plan the scored streams."""
+    tokenizer = load_tokenizer(paths.tokenizer)
+    train, report = _source_table(cfg, train_dataset if train_dataset is not None
+                                  else cfg.data.train_path, tokenizer)
+    eval_table = None
+    eval_source = eval_dataset if eval_dataset is not None else cfg.data.eval_path
+    if eval_source is not None:
+        eval_table, eval_report = _source_table(cfg, eval_source, tokenizer)
+        report.update({f"eval_{k}": v for k, v in eval_report.items()})
+        _check_same_format(report, eval_report)
+    # A fixed shuffle (run.seed) so resumed and repeated runs see the same order.
+    order = _permutation(train.num_rows, cfg.run.seed)
+    train = train.take(pa.array(order))
+    if eval_table is None and cfg.data.eval_fraction > 0:
+        n_eval = max(1, int(round(train.num_rows * cfg.data.eval_fraction)))
+        eval_table, train = train.slice(0, n_eval), train.slice(n_eval)
+    return Streams(
+        train=_stream(cfg, paths, train, "train"),
+        eval=None if eval_table is None else _stream(cfg, paths, eval_table, "eval"),
+        num_train_pairs=train.num_rows,
+        num_eval_pairs=0 if eval_table is None else eval_table.num_rows,
+        data_report=report,
+    )
+
+
+def _check_same_format(train_report: dict, eval_report: dict) -> None:
+    from tvkd_ray.errors import DataError
+
+    if train_report["format"] != eval_report["format"]:
+        raise DataError(
+            f"{eval_report['source']}: eval data is in {eval_report['format']} format but the "
+            f"training data ({train_report['source']}) is {train_report['format']}; "
+            "use one format (or set data.format explicitly)"
+        )
+
+
+def _permutation(n: int, seed: int):
+    import numpy as np
+
+    return np.random.default_rng(seed).permutation(n)

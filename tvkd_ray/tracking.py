@@ -1,0 +1,149 @@
+"""MLflow tracking: the driver opens (or reopens) the run, rank 0 logs to it.
+
+The driver checks the store before any model work, creates the run and logs the flattened params
+and the resolved config; the run id is written to ``<run_dir>/mlflow_run_id`` and saved in every
+checkpoint, so a resumed run continues the same MLflow run. Logging failures during training warn
+and never stop training.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import urllib.parse
+from typing import Any
+
+from tvkd_ray.config import TVKDConfig
+from tvkd_ray.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+RUN_ID_FILE = "mlflow_run_id"
+
+
+def tracking_uri(config: TVKDConfig) -> str:
+    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else sqlite in the output root."""
+    if config.tracking.uri:
+        return config.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{config.run_dir.parent / 'mlflow.db'}"
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"loss": {"alpha": 0.5}}`` -> ``{"loss.alpha": "0.5"}`` (MLflow params are strings)."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def check_reachable(uri: str) -> None:
+    """Fail fast with one line when an http(s) tracking server does not answer."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=5)
+    except requests.RequestException as exc:
+        reason = type(exc).__name__
+        raise ConfigError(
+            f"tracking.uri: MLflow server {uri} is unreachable ({reason}); start it, fix the "
+            "URI, or set tracking.enabled=false"
+        ) from None
+
+
+def open_run(config: TVKDConfig, extra_params: dict[str, Any] | None = None) -> str | None:
+    """Create the run, or reopen the one this run directory already has; return its id."""
+    if not config.tracking.enabled:
+        return None
+    import mlflow
+
+    uri = tracking_uri(config)
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    id_file = config.run_dir / RUN_ID_FILE
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    if id_file.exists():
+        run_id = id_file.read_text().strip()
+        try:
+            client.get_run(run_id)
+            return run_id
+        except mlflow.exceptions.MlflowException:
+            logger.warning("MLflow run %s of %s is gone; starting a new run", run_id, id_file)
+    experiment = mlflow.set_experiment(config.tracking.experiment)
+    run = client.create_run(
+        experiment.experiment_id,
+        run_name=config.run.name,
+        tags={"tvkd.run_dir": str(config.run_dir), "tvkd.stage": config.run.stage},
+    )
+    run_id = run.info.run_id
+    params = flatten(config.to_dict())
+    params.update({k: str(v) for k, v in (extra_params or {}).items()})
+    items = list(params.items())
+    for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+        batch = [mlflow.entities.Param(k, v[:6000]) for k, v in items[start : start + 100]]
+        client.log_batch(run_id, params=batch)
+    client.log_text(run_id, config.to_yaml(), "config.yaml")
+    id_file.write_text(run_id)
+    return run_id
+
+
+class RunLogger:
+    """Logs metrics to one MLflow run from the rank-0 worker; failures only warn."""
+
+    def __init__(self, uri: str | None, run_id: str | None):
+        self.run_id = run_id
+        self._client = None
+        if uri and run_id:
+            try:
+                import mlflow
+
+                self._client = mlflow.MlflowClient(uri)
+            except Exception as exc:  # tracking must never stop training
+                logger.warning("MLflow unavailable, metrics will not be logged: %s", exc)
+
+    def _safely(self, what: str, fn, *args, **kwargs) -> None:
+        if self._client is None:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # tracking must never stop training
+            logger.warning("MLflow %s failed (training goes on): %s", what, exc)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        import mlflow
+
+        now = int(time.time() * 1000)
+        batch = [mlflow.entities.Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._safely("log_metrics", self._client and self._client.log_batch, self.run_id, batch)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        for key, value in params.items():
+            self._safely(
+                "log_param", self._client and self._client.log_param, self.run_id, key, str(value)
+            )
+
+    def set_tag(self, key: str, value: str) -> None:
+        self._safely("set_tag", self._client and self._client.set_tag, self.run_id, key, value)
+
+    def log_dict(self, data: dict, name: str) -> None:
+        self._safely("log_dict", self._client and self._client.log_dict, self.run_id, data, name)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._safely(
+            "set_terminated", self._client and self._client.set_terminated, self.run_id, status
+        )
+
+
+def mlflow_ui_command(uri: str) -> str:
+    """The exact command that shows this store in the MLflow UI, bound to 127.0.0.1."""
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+
