@@ -1,19 +1,31 @@
 """Fault injection for the reliability tests (SPEC §8): crash a process role once, on purpose.
 
-``TVKD_FAULT=<role>:<n>:<marker>`` makes the process playing ``role`` (teacher, reference,
-trainer) exit abruptly when its counter reaches ``n``, once: the marker file records that the
-fault fired, so the restarted actor or worker runs on normally. Unset, this does nothing.
+The fault is ``<role>:<n>:<marker>[:hang]``, read from ``$TVKD_FAULT`` or from the file named by
+``$TVKD_FAULT_FILE`` (a file lets a test arm a fault on a cluster that is already running). The
+process playing ``role`` (teacher, reference, trainer) exits abruptly when its counter reaches
+``n``, once: the marker file records that the fault fired, so the restarted actor or worker runs
+on normally. With ``:hang`` the process stops there instead of exiting, so a test can stop the
+whole run from outside (SIGTERM) at a known point. With neither variable set this does nothing.
 """
 
 import os
+import time
 from pathlib import Path
 
 
+def _fault_spec() -> str:
+    spec = os.environ.get("TVKD_FAULT", "")
+    path = os.environ.get("TVKD_FAULT_FILE")
+    if not spec and path and os.path.exists(path):
+        spec = Path(path).read_text().strip()
+    return spec
+
+
 def maybe_crash(role: str, count: int) -> None:
-    spec = os.environ.get("TVKD_FAULT")
+    spec = _fault_spec()
     if not spec:
         return
-    fault_role, n, marker = spec.split(":", 2)
+    fault_role, n, marker, *action = spec.split(":", 3)
     if fault_role != role or count != int(n):
         return
     try:
@@ -23,5 +35,7 @@ def maybe_crash(role: str, count: int) -> None:
         return
     os.write(fd, f"{role} pid {os.getpid()} crashed at {count}\n".encode())
     os.close(fd)
-    Path(marker).touch()
+    if action == ["hang"]:
+        while True:
+            time.sleep(60)
     os._exit(1)

@@ -168,6 +168,28 @@ class StudentStep:
         return loss, sums, n_pairs
 
 
+def placeholder_batch(cfg: TVKDConfig, pad_id: int) -> pa.Table:
+    """One-token pair with every column the step reads, for a worker whose shard is empty but
+    which must still join DDP's all-reduce (trained with weight 0)."""
+    columns = {
+        "pair_id": pa.array([-1], pa.int64()),
+        "prompt_ids": pa.array([[pad_id]], pa.list_(pa.int32())),
+        "chosen_ids": pa.array([[pad_id]], pa.list_(pa.int32())),
+        "rejected_ids": pa.array([[pad_id]], pa.list_(pa.int32())),
+    }
+    if cfg.uses_teacher:
+        columns["chosen_potentials"] = pa.array([[0.0]], pa.list_(pa.float32()))
+        columns["rejected_potentials"] = pa.array([[0.0]], pa.list_(pa.float32()))
+    if cfg.loss.kd_weight > 0:
+        k = cfg.teacher.top_k
+        columns["chosen_topk_ids"] = pa.array([[pad_id] * k], pa.list_(pa.int32()))
+        columns["chosen_topk_logps"] = pa.array([[-1.0] * k], pa.list_(pa.float32()))
+    if cfg.run.stage != "sft":
+        columns["ref_chosen_logps"] = pa.array([0.0], pa.float32())
+        columns["ref_rejected_logps"] = pa.array([0.0], pa.float32())
+    return pa.table(columns)
+
+
 def _save_checkpoint(directory: Path, model, optimizer, scheduler, state: dict, consumed):
     from safetensors.torch import save_model
 
@@ -290,6 +312,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         logger.set_tag("tvkd.resumed_from_step", str(state["step"]))
 
     step_fn = StudentStep(cfg, policy, tokenizer.pad_token_id, device)
+    placeholder = placeholder_batch(cfg, tokenizer.pad_token_id)
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval") if loop_config.get("has_eval") else None
     seen_dir = Path(loop_config["run_dir"]) / "pairs_seen"
@@ -307,9 +330,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             dist.all_gather_object(parts, mine)
         return np.concatenate([consumed, *parts])
 
-    def report(metrics: dict[str, float], save: bool) -> None:
+    def report(metrics: dict[str, float], save: bool, log: bool = True) -> None:
         """All workers call report; rank 0 attaches the checkpoint and logs to MLflow."""
-        if worker.rank == 0:
+        if worker.rank == 0 and log:
             logger.log_metrics(metrics, state["step"])
         if not save:
             ray.train.report(metrics)
@@ -336,7 +359,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     while state["epoch"] < cfg.train.epochs and not done:
         batches = _iterate(train_shard, cfg.train.batch_size, skip_ids=consumed)
         window: dict[str, Any] = {"sums": {}, "start": time.perf_counter(), "steps": 0}
-        previous = None
         exhausted = False
         epoch_pairs = len(consumed)  # global count, known to every worker
         while not exhausted and not done:
@@ -351,10 +373,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     exhausted = True
                     break
                 epoch_pairs += global_pairs
-                # A worker whose shard ran dry repeats its last batch with weight 0 so that
+                # A worker whose shard ran dry steps on a placeholder with weight 0 so that
                 # every worker joins DDP's gradient all-reduce.
-                table, waited = item if item is not None else (previous, 0.0)
-                previous = table
+                table, waited = item if item is not None else (placeholder, 0.0)
                 loss, sums, n_pairs = step_fn(table)
                 weight = 0.0 if item is None else n_pairs * worker.world / global_pairs
                 (loss * weight / accum).backward()
@@ -410,10 +431,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     final["step"] = float(state["step"])
     if worker.rank == 0:
         _save_hf_model(model, tokenizer, Path(loop_config["model_dir"]))
-    report(final, save=True)
+    report(final, save=True, log=False)  # the train metrics were logged when reported
     if worker.rank == 0:
         logger.log_metrics({k: v for k, v in final.items() if k.startswith("eval/")}, state["step"])
         logger.set_tag("tvkd.model_dir", loop_config["model_dir"])
+        logger.finish()
 
 
 def _window_metrics(worker: _Worker, window: dict, scheduler, state: dict) -> dict[str, float]:

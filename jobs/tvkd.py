@@ -11,6 +11,7 @@ Bad input ends with one ``error: ...`` line and exit status 2; ``--debug`` shows
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -64,8 +65,18 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str], dict[str, bool]]
     return config_path, overrides, flags
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (e.g. a scheduler stopping the job) unwinds like Ctrl-C, so Ray shuts down."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _interrupt_on_sigterm()
     debug = "--debug" in argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -86,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume from the last checkpoint",
-              file=sys.stderr)
+        print(
+            "interrupted; rerun the same command to resume from the last checkpoint",
+            file=sys.stderr,
+        )
         return 130
     from tvkd_ray.tracking import mlflow_ui_command
 

@@ -22,7 +22,15 @@ sys.path.insert(0, str(REPO_ROOT))
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def fault_file(tmp_path_factory):
+    """A file every process of the test cluster reads fault specs from (actors/faults.py)."""
+    path = tmp_path_factory.mktemp("faults") / "fault"
+    os.environ["TVKD_FAULT_FILE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(fault_file):
     """One local Ray cluster for the whole session (a bare ray.init() would attach to any cluster
     already running on the machine; logical CPUs are over-committed so actor pools never starve)."""
     import ray
@@ -35,7 +43,29 @@ def ray_cluster():
         num_cpus=8,
         include_dashboard=False,
         log_to_driver=False,
-        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
+        runtime_env={
+            "env_vars": {
+                "HF_HUB_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false",
+                "MALLOC_MMAP_THRESHOLD_": "1048576",
+                "TVKD_FAULT_FILE": str(fault_file),
+                **{k: os.environ[k] for k in ("TVKD_CACHE_DIR",) if k in os.environ},
+            }
+        },
     )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def arm_fault(fault_file, tmp_path):
+    """Arm one fault (``arm_fault("trainer", 4)``); returns the marker path written when it fires.
+    Disarmed after the test."""
+
+    def arm(role: str, count: int) -> Path:
+        marker = tmp_path / f"{role}-fault-fired"
+        fault_file.write_text(f"{role}:{count}:{marker}")
+        return marker
+
+    yield arm
+    fault_file.unlink(missing_ok=True)

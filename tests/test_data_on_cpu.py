@@ -2,7 +2,7 @@
 
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 import copy  # noqa: E402
 import gzip  # noqa: E402
@@ -275,6 +275,10 @@ MALFORMED = [
     ("message_no_content", "conversational", CONV_GOOD,
      {**CONV_GOOD, "rejected": [_msg("user", "q"), {"role": "assistant"}]},
      "missing_field", "rejected[1].content", "is missing"),
+    ("conv_empty_prompt", "conversational", CONV_GOOD, {**CONV_GOOD, "prompt": []},
+     "empty_prompt", "prompt", "has no messages"),
+    ("message_not_dict", "conversational", CONV_GOOD, {**CONV_GOOD, "chosen": ["hi"]},
+     "wrong_type", "chosen[0]", "expected a message, got str"),
     ("messages_not_list", "conversational", CONV_GOOD, {**CONV_GOOD, "rejected": {"a": 1}},
      "wrong_type", "rejected", "expected a list of messages, got dict"),
     ("conv_no_shared", "conversational", CONV_GOOD,
@@ -490,7 +494,7 @@ def test_tokenize_dataset_through_ray_data(ray_cluster, hh_path, smollm2):
     batch_rate = pairs.num_rows / (time.perf_counter() - start)
 
     ds = tokenize_dataset(
-        ray.data.from_arrow(pairs),
+        ray.data.from_arrow([pairs.slice(start, 250) for start in range(0, pairs.num_rows, 250)]),
         "smollm2-135m-instruct",
         max_length=512,
         max_prompt_length=256,

@@ -77,9 +77,10 @@ def test_smollm2_preset_loads_offline_prefers_natural_text_and_matches_gguf():
 
 
 def test_smollm2_and_tiny_tokenizers_are_incompatible():
-    with pytest.raises(ModelError, match=f"'{SMOLLM2}'.*49152.*'tiny'.*1024"):
+    teacher, student = f"teacher tokenizer '{SMOLLM2}'", "student tokenizer 'tiny'"
+    with pytest.raises(ModelError, match=f"{teacher} .*49152.*{student} .*1024.*vocabulary size"):
         check_tokenizers_compatible(
-            load_tokenizer(SMOLLM2), load_tokenizer("tiny"), SMOLLM2, "tiny"
+            load_tokenizer(SMOLLM2), load_tokenizer("tiny"), teacher, student
         )
 
 
@@ -87,7 +88,7 @@ def test_same_vocab_size_but_different_encoding_is_incompatible():
     tokenizer, other = load_tokenizer("tiny"), load_tokenizer("tiny")
     other.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     assert len(tokenizer) == len(other)
-    with pytest.raises(ModelError, match="'teacher'.*'student'.*probe encodings differ"):
+    with pytest.raises(ModelError, match="^teacher .*and student .*differ in the probe encoding"):
         check_tokenizers_compatible(tokenizer, other, "teacher", "student")
 
 

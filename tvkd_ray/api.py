@@ -23,6 +23,9 @@ _RAY_ENV = {
     "RAY_TRAIN_V2_ENABLED": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
     "TOKENIZERS_PARALLELISM": "false",
+    # glibc keeps freed chunk-sized buffers of the chunked LM-head loops mapped otherwise, so
+    # CPU processes' RSS would grow to the full-logits size (see tests/test_potentials_on_cpu.py).
+    "MALLOC_MMAP_THRESHOLD_": "1048576",
 }
 
 
@@ -56,11 +59,12 @@ def _ensure_ray(cfg: TVKDConfig) -> bool:
         return False
     for key, value in _RAY_ENV.items():
         os.environ.setdefault(key, value)
-    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TVKD_CACHE_DIR", "TVKD_FAULT")
-           if k in os.environ}
+    passed = ("HF_HUB_OFFLINE", "TVKD_CACHE_DIR", "TVKD_FAULT", "TVKD_FAULT_FILE")
+    env = {k: os.environ[k] for k in passed if k in os.environ}
     runtime_env = {"env_vars": {**_RAY_ENV, **env}}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=runtime_env, log_to_driver=False)
+        # Under `ray job submit` (or an explicit address): attach; the job's runtime env rules.
+        ray.init()
         return True
     from tvkd_ray.pipeline import resource_demand
 
@@ -117,8 +121,13 @@ def _train(cfg: TVKDConfig, paths, streams, uri: str | None, run_id: str | None)
     from actors.trainer import train_loop_per_worker
     from tvkd_ray.pipeline import ExactlyOnceDataConfig
 
-    per_step = cfg.train.batch_size * cfg.train.num_workers * cfg.train.grad_accum
-    steps_per_epoch = max(1, math.ceil(streams.num_train_pairs / per_step))
+    # Shards are uneven by up to one block per worker (none is dropped): plan for the largest.
+    workers = cfg.train.num_workers
+    largest_shard = math.ceil(streams.num_train_pairs / workers)
+    if workers > 1:
+        largest_shard += streams.rows_per_block
+    per_step = cfg.train.batch_size * cfg.train.grad_accum
+    steps_per_epoch = max(1, math.ceil(largest_shard / per_step))
     total_steps = steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
@@ -196,4 +205,3 @@ def _user_error_in(exc: BaseException) -> TVKDError | None:
             line = text.split(marker, 1)[1].splitlines()[0]
             return getattr(errors, name)(line)
     return None
-

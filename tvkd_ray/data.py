@@ -12,7 +12,7 @@ import json
 import zlib
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -70,7 +70,7 @@ class LoadedPairs:
     table: pa.Table
     source: str
     format: str
-    skipped: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int]
 
 
 class _InvalidRow(Exception):
@@ -100,6 +100,8 @@ def _read_jsonl(path: Path, gzipped: bool) -> _Rows:
     except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
         # The rest of the file is lost, so this is never skippable.
         raise DataError(f"{path}: not a valid gzip file ({exc})") from exc
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from exc
 
 
 def _decode_json_line(raw: bytes) -> dict[str, Any] | _InvalidRow:
@@ -126,11 +128,10 @@ def _rows_of_tables(tables: Iterator[pa.Table]) -> _Rows:
 
 def _read_parquet(path: Path) -> _Rows:
     try:
-        parquet = pq.ParquetFile(path)
+        batches = pq.ParquetFile(path).iter_batches(batch_size=_READ_BATCH_ROWS)
+        yield from _rows_of_tables(pa.Table.from_batches([batch]) for batch in batches)
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from exc
-    batches = parquet.iter_batches(batch_size=_READ_BATCH_ROWS)
-    yield from _rows_of_tables(pa.Table.from_batches([batch]) for batch in batches)
 
 
 def _read_hf_dir(path: Path) -> _Rows:
@@ -211,6 +212,14 @@ def _require_text(text: str, name: str, reason: str) -> None:
         raise _InvalidRow(reason, name, "is empty or whitespace-only")
 
 
+def _shared_prefix_length(a: str | list, b: str | list) -> int:
+    """Number of leading characters (or messages) that ``a`` and ``b`` have in common."""
+    shared = 0
+    while shared < min(len(a), len(b)) and a[shared] == b[shared]:
+        shared += 1
+    return shared
+
+
 def _pair_id(row: dict[str, Any], index: int) -> int:
     """A pair_id the source brings (e.g. a Ray Dataset column) is kept, else the row index."""
     value = row.get("pair_id")
@@ -240,10 +249,7 @@ def _implicit_prompt(row: dict[str, Any], tokenizer: Any) -> tuple[str, str, str
     chosen, rejected = _string(row, "chosen"), _string(row, "rejected")
     if chosen == rejected:
         raise _InvalidRow(IDENTICAL_RESPONSES, "rejected", "is identical to 'chosen'")
-    shared = 0
-    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
-        shared += 1
-    end = chosen.rfind(HH_ASSISTANT, 0, shared)
+    end = chosen.rfind(HH_ASSISTANT, 0, _shared_prefix_length(chosen, rejected))
     if end < 0:
         problem = f"shares no prefix ending in {HH_ASSISTANT!r} with 'rejected'"
         raise _InvalidRow(NO_SHARED_PROMPT, "chosen", problem)
@@ -265,9 +271,7 @@ def _conversational(row: dict[str, Any], tokenizer: Any) -> tuple[str, str, str]
         if not prompt:
             raise _InvalidRow(EMPTY_PROMPT, "prompt", "has no messages")
     else:
-        shared = 0
-        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
-            shared += 1
+        shared = _shared_prefix_length(chosen, rejected)
         if shared == 0:
             raise _InvalidRow(
                 NO_SHARED_PROMPT, "chosen", "shares no prompt messages with 'rejected'"

@@ -33,6 +33,7 @@ from transformers import (
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -136,6 +137,8 @@ def _tiny_llama(tokenizer: PreTrainedTokenizerFast, shape: dict, seed: int) -> L
 
 
 def _build_tiny(shape: dict, seed: int) -> Callable[[Path], None]:
+    """Preset builder saving a tiny Llama of ``shape`` with the shared tiny tokenizer."""
+
     def build(out_dir: Path) -> None:
         tokenizer = _tiny_tokenizer()
         _tiny_llama(tokenizer, shape, seed).save_pretrained(out_dir)
@@ -186,7 +189,8 @@ def _build_smollm2(out_dir: Path) -> None:
 PRESETS: dict[str, Callable[[Path], None]] = {
     # Real teacher: SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576, vocab 49152, 135M params).
     "smollm2-135m-instruct": _build_smollm2,
-    # Test models sharing the tiny tokenizer (vocab 1024): 4 layers x 128 and 2 layers x 64.
+    # Test models sharing the tiny tokenizer (vocab 1024): 4 layers x 128 (722k params) and
+    # 2 layers x 64 (140k params).
     "tiny-teacher": _build_tiny(_TINY_TEACHER_SHAPE, seed=0),
     "tiny-student": _build_tiny(_TINY_STUDENT_SHAPE, seed=1),
 }
@@ -347,7 +351,7 @@ def load_model(
 _LAYER_KEY = re.compile(r"\.layers\.(\d+)\.")
 
 
-def _student_config(base_config, num_layers: int):
+def _student_config(base_config: PretrainedConfig, num_layers: int) -> PretrainedConfig:
     config = copy.deepcopy(base_config)
     config.num_hidden_layers = num_layers
     # Configs with per-layer settings (e.g. sliding vs full attention) must match the depth.
@@ -415,19 +419,24 @@ def build_student(
 def check_tokenizers_compatible(
     tok_a: PreTrainedTokenizerBase, tok_b: PreTrainedTokenizerBase, name_a: str, name_b: str
 ) -> None:
-    """Raise ModelError unless both tokenizers have the same vocab size and probe encoding."""
+    """Raise ModelError unless both tokenizers have the same vocab size and probe encoding.
+
+    ``name_a``/``name_b`` are used verbatim in the message, e.g. ``"teacher tokenizer 'x'"``.
+    """
     size_a, size_b = len(tok_a), len(tok_b)
-    prefix = f"tokenizers '{name_a}' (vocab {size_a}) and '{name_b}' (vocab {size_b}) differ"
-    if size_a != size_b:
-        raise ModelError(f"{prefix}: vocabulary sizes differ; teacher and student must share one")
     ids_a = tok_a(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
     ids_b = tok_b(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
-    if ids_a != ids_b:
+    if size_a != size_b:
+        difference = "vocabulary size"
+    elif ids_a != ids_b:
         position = next(
             (i for i, (a, b) in enumerate(zip(ids_a, ids_b, strict=False)) if a != b),
             min(len(ids_a), len(ids_b)),
         )
-        raise ModelError(
-            f"{prefix}: probe encodings differ at token {position}; "
-            "teacher and student must share one tokenizer"
-        )
+        difference = f"the probe encoding (first at token {position})"
+    else:
+        return
+    raise ModelError(
+        f"{name_a} (vocab {size_a}) and {name_b} (vocab {size_b}) differ in "
+        f"{difference}; teacher and student must share one tokenizer"
+    )

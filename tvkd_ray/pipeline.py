@@ -26,7 +26,12 @@ from actors.teacher import TeacherPotentials
 from tvkd_ray.config import TVKDConfig, resolve_path
 from tvkd_ray.data import load_pairs, tokenize_dataset
 from tvkd_ray.errors import ResourceError
-from tvkd_ray.models import build_student, check_tokenizers_compatible, load_tokenizer, resolve_model
+from tvkd_ray.models import (
+    build_student,
+    check_tokenizers_compatible,
+    load_tokenizer,
+    resolve_model,
+)
 
 logger = logging.getLogger(__name__)
 TOKENIZE_CPUS = 0.5  # tokenising is light; a fractional share keeps it beside the model pools
@@ -51,6 +56,7 @@ class Streams:
     eval: ray.data.Dataset | None
     num_train_pairs: int
     num_eval_pairs: int
+    rows_per_block: int
     data_report: dict[str, Any] = field(default_factory=dict)
 
 
@@ -148,8 +154,9 @@ class ExactlyOnceDataConfig(ray.train.DataConfig):
 
 
 def _source_table(cfg: TVKDConfig, source, tokenizer) -> tuple[pa.Table, dict[str, Any]]:
-    loaded = load_pairs(source, format=cfg.data.format, tokenizer=tokenizer,
-                        on_invalid=cfg.data.on_invalid)
+    loaded = load_pairs(
+        source, format=cfg.data.format, tokenizer=tokenizer, on_invalid=cfg.data.on_invalid
+    )
     report = {"source": loaded.source, "format": loaded.format, "pairs": loaded.table.num_rows}
     report.update({f"skipped/{reason}": n for reason, n in loaded.skipped.items()})
     return loaded.table, report
@@ -159,6 +166,11 @@ def _blocks(table: pa.Table, rows_per_block: int) -> ray.data.Dataset:
     """A dataset of several blocks, so the actor pools stream and share the work."""
     slices = [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
     return ray.data.from_arrow(slices or [table])
+
+
+def rows_per_block(cfg: TVKDConfig) -> int:
+    """Pairs per Ray Data block: one teacher (or reference) batch, the unit the pools stream."""
+    return max(cfg.teacher.batch_size, cfg.reference.batch_size)
 
 
 def _fingerprint_parts(cfg: TVKDConfig, paths: ModelPaths, table: pa.Table) -> dict[str, str]:
@@ -188,8 +200,15 @@ def _fingerprint_parts(cfg: TVKDConfig, paths: ModelPaths, table: pa.Table) -> d
         "teacher_ref": model_id(paths.teacher_ref),
         "reference": model_id(paths.reference) if cfg.run.stage != "sft" else "none",
         "potential": json.dumps(
-            [loss.potential, loss.tau, loss.q_scale, loss.potential_normalize, cfg.teacher.beta,
-             cfg.teacher.top_k if loss.kd_weight > 0 else 0, cfg.uses_teacher]
+            [
+                loss.potential,
+                loss.tau,
+                loss.q_scale,
+                loss.potential_normalize,
+                cfg.teacher.beta,
+                cfg.teacher.top_k if loss.kd_weight > 0 else 0,
+                cfg.uses_teacher,
+            ]
         ),
         "lengths": f"{cfg.data.max_length}/{cfg.data.max_prompt_length}",
     }
@@ -209,7 +228,9 @@ def _cached(cfg: TVKDConfig, split: str, parts: dict[str, str], build) -> ray.da
         changed = sorted(k for k in parts if old.get(k) != parts[k])
         logger.warning(
             "teacher cache miss for %s: %s changed since %s; recomputing",
-            split, ", ".join(changed) or "format", previous[-1].parent.name,
+            split,
+            ", ".join(changed) or "format",
+            previous[-1].parent.name,
         )
     tmp = root / f".{target.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -223,11 +244,11 @@ def _cached(cfg: TVKDConfig, split: str, parts: dict[str, str], build) -> ray.da
 def _scored(cfg: TVKDConfig, paths: ModelPaths, table: pa.Table) -> ray.data.Dataset:
     """The lazy plan: tokenise, then teacher potentials, then reference log-probs."""
     ds = tokenize_dataset(
-        _blocks(table, max(cfg.teacher.batch_size, cfg.reference.batch_size)),
+        _blocks(table, rows_per_block(cfg)),
         paths.tokenizer,
         max_length=cfg.data.max_length,
         max_prompt_length=cfg.data.max_prompt_length,
-        batch_size=max(cfg.teacher.batch_size, cfg.reference.batch_size),
+        batch_size=rows_per_block(cfg),
         num_cpus=TOKENIZE_CPUS,
         max_actors=1,
     )
@@ -294,8 +315,9 @@ def _stream(cfg: TVKDConfig, paths: ModelPaths, table: pa.Table, split: str) -> 
 def build_streams(cfg: TVKDConfig, paths: ModelPaths, train_dataset=None, eval_dataset=None):
     """Read and validate the data (before any model work), then plan the scored streams."""
     tokenizer = load_tokenizer(paths.tokenizer)
-    train, report = _source_table(cfg, train_dataset if train_dataset is not None
-                                  else cfg.data.train_path, tokenizer)
+    train, report = _source_table(
+        cfg, train_dataset if train_dataset is not None else cfg.data.train_path, tokenizer
+    )
     eval_table = None
     eval_source = eval_dataset if eval_dataset is not None else cfg.data.eval_path
     if eval_source is not None:
@@ -313,6 +335,7 @@ def build_streams(cfg: TVKDConfig, paths: ModelPaths, train_dataset=None, eval_d
         eval=None if eval_table is None else _stream(cfg, paths, eval_table, "eval"),
         num_train_pairs=train.num_rows,
         num_eval_pairs=0 if eval_table is None else eval_table.num_rows,
+        rows_per_block=rows_per_block(cfg),
         data_report=report,
     )
 

@@ -146,4 +146,3 @@ class RunLogger:
 def mlflow_ui_command(uri: str) -> str:
     """The exact command that shows this store in the MLflow UI, bound to 127.0.0.1."""
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
-

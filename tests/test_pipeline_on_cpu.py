@@ -1,0 +1,167 @@
+"""The streaming pipeline on a real local Ray cluster: every pair once, right values, the teacher
+cache, a teacher actor that dies mid-stream, and resource requests the cluster cannot meet."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import logging  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pyarrow as pa  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from test_actors_on_cpu import (  # noqa: E402
+    assert_lists_close,
+    direct_columns,
+    direct_soft_value,
+    direct_token_logps,
+)
+
+from tvkd_ray import pipeline  # noqa: E402
+from tvkd_ray.config import load_config  # noqa: E402
+from tvkd_ray.data import load_pairs, tokenize_batch  # noqa: E402
+from tvkd_ray.errors import ResourceError  # noqa: E402
+from tvkd_ray.models import load_model, load_tokenizer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_PAIRS = 24  # three teacher batches of 8
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory):
+    lines = (REPO / "examples/data/bundled/train.jsonl").read_text().splitlines(keepends=True)
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(lines[:NUM_PAIRS]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def output_dir(tmp_path_factory):
+    """Shared by the module's configs, so the student's initial weights are built once."""
+    return tmp_path_factory.mktemp("outputs")
+
+
+@pytest.fixture
+def make_config(train_file, output_dir):
+    def make(*overrides):
+        return load_config(
+            REPO / "examples/tiny.yaml",
+            [
+                f"run.output_dir={output_dir}",
+                f"data.train_path={train_file}",
+                "data.eval_path=null",
+                "teacher.cache=none",
+                *overrides,
+            ],
+        )
+
+    return make
+
+
+def consume(ds) -> pa.Table:
+    """All rows of a dataset through ``iter_batches``, sorted by pair_id."""
+    batches = list(ds.iter_batches(batch_size=8, batch_format="pyarrow"))
+    return pa.concat_tables(batches).sort_by("pair_id")
+
+
+def assert_every_pair_once_with_direct_values(rows: pa.Table, cfg, paths) -> None:
+    """Exactly the file's pairs, each once, with the tokeniser's ids, and Φ and reference
+    log-probs equal to the direct unpadded computation on the same models."""
+    assert rows.column("pair_id").to_pylist() == list(range(NUM_PAIRS))
+    pairs = load_pairs(cfg.data.train_path).table
+    expected_ids = tokenize_batch(
+        pairs,
+        load_tokenizer(paths.tokenizer),
+        max_length=cfg.data.max_length,
+        max_prompt_length=cfg.data.max_prompt_length,
+    )
+    assert rows.select(expected_ids.column_names).equals(expected_ids)
+
+    teacher = load_model(paths.teacher).eval()
+    soft_value_settings = {
+        "tau": cfg.loss.tau,
+        "q_scale": cfg.loss.q_scale,
+        "normalize": cfg.loss.potential_normalize,
+    }
+    potentials = direct_columns(
+        rows, lambda p, r: direct_soft_value(teacher, p, r, **soft_value_settings)
+    )
+    reference = load_model(paths.reference).eval()
+    ref_logps = direct_columns(rows, lambda p, r: direct_token_logps(reference, p, r).sum())
+    for side in ("chosen", "rejected"):
+        assert_lists_close(rows.column(f"{side}_potentials"), potentials[side])
+        got = torch.tensor(rows.column(f"ref_{side}_logps").to_pylist())
+        torch.testing.assert_close(got, torch.stack(ref_logps[side]), rtol=1e-5, atol=1e-5)
+
+
+def test_stream_delivers_every_pair_once_with_direct_values(ray_cluster, make_config):
+    cfg = make_config()
+    paths = pipeline.prepare_models(cfg)
+    streams = pipeline.build_streams(cfg, paths)
+    assert streams.eval is None and streams.num_train_pairs == NUM_PAIRS
+    rows = consume(streams.train)
+    assert_every_pair_once_with_direct_values(rows, cfg, paths)
+    # Streamed, not cached: the executed plan ran both model pools.
+    stats = streams.train.stats()
+    assert "TeacherPotentials" in stats and "ReferenceLogps" in stats
+
+
+def test_teacher_cache_reuses_matching_parquet_and_recomputes_on_change(
+    ray_cluster, make_config, tmp_path, monkeypatch, caplog
+):
+    cache = tmp_path / "teacher-cache"
+    cfg = make_config(f"teacher.cache={cache}")
+    paths = pipeline.prepare_models(cfg)
+    # Counts the teacher/reference plans built: the only place their actor pools come from.
+    plans = []
+    scored = pipeline._scored
+    monkeypatch.setattr(pipeline, "_scored", lambda *args: plans.append(args) or scored(*args))
+
+    first = consume(pipeline.build_streams(cfg, paths).train)
+    assert len(plans) == 1
+    (entry,) = cache.glob("train-*")
+    assert (entry / "_fingerprint.json").is_file() and list(entry.glob("data/*.parquet"))
+    assert_every_pair_once_with_direct_values(first, cfg, paths)
+
+    again = pipeline.build_streams(cfg, paths).train
+    second = consume(again)
+    assert len(plans) == 1, "a matching cache entry must not run the teacher again"
+    assert "TeacherPotentials" not in again.stats()
+    assert second.equals(first)
+
+    changed = make_config(f"teacher.cache={cache}", "loss.tau=2.0")
+    with caplog.at_level(logging.INFO, logger=pipeline.logger.name):
+        third = consume(pipeline.build_streams(changed, paths).train)
+    assert len(plans) == 2
+    entries = set(cache.glob("train-*"))
+    assert entry in entries and len(entries) == 2, "a changed setting needs its own entry"
+    misses = [r.getMessage() for r in caplog.records if "teacher cache miss" in r.getMessage()]
+    assert len(misses) == 1 and "potential changed" in misses[0], caplog.text
+    assert_every_pair_once_with_direct_values(third, changed, paths)
+    assert not third.column("chosen_potentials").equals(first.column("chosen_potentials"))
+
+
+@pytest.mark.faults
+def test_dead_teacher_actor_is_restarted_and_every_pair_arrives_once(
+    ray_cluster, make_config, arm_fault
+):
+    cfg = make_config()
+    assert cfg.teacher.max_restarts >= 1 and NUM_PAIRS > 2 * cfg.teacher.batch_size
+    paths = pipeline.prepare_models(cfg)
+    marker = arm_fault("teacher", 2)  # exits (os._exit) on its 2nd batch, once
+    rows = consume(pipeline.build_streams(cfg, paths).train)
+    assert marker.exists(), "the teacher actor never crashed"
+    assert "teacher pid" in marker.read_text()
+    assert_every_pair_once_with_direct_values(rows, cfg, paths)
+
+
+def test_unsatisfiable_gpu_request_names_the_teacher_pool(ray_cluster, make_config):
+    assert ray_cluster.cluster_resources().get("GPU", 0) == 0
+    cfg = make_config("teacher.num_gpus_per_actor=1")
+    started = time.monotonic()
+    with pytest.raises(ResourceError) as error:
+        pipeline.check_resources(cfg)
+    assert time.monotonic() - started < 60
+    assert "teacher pool" in str(error.value) and "GPU" in str(error.value)
