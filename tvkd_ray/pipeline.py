@@ -60,9 +60,29 @@ class Streams:
     data_report: dict[str, Any] = field(default_factory=dict)
 
 
+def check_tokenizers(cfg: TVKDConfig):
+    """Load the student's tokenizer and check every other model's matches it (SPEC §4), before
+    any model work; returns the student's tokenizer."""
+    student_name = cfg.student.tokenizer or cfg.student.model
+    student_tok = load_tokenizer(student_name)
+    others = {"reference": cfg.reference.model}
+    if cfg.uses_teacher:
+        others["teacher"] = cfg.teacher.model
+        if cfg.loss.potential == "implicit_reward":
+            others["teacher.ref_model"] = cfg.teacher.ref_model
+    for role, name in others.items():
+        if name is not None:
+            check_tokenizers_compatible(
+                load_tokenizer(name),
+                student_tok,
+                f"{role} tokenizer '{name}'",
+                f"student tokenizer '{student_name}'",
+            )
+    return student_tok
+
+
 def prepare_models(cfg: TVKDConfig) -> ModelPaths:
-    """Resolve the models, build the student's initial weights, and check the tokenizers agree
-    before any forward pass (SPEC §4)."""
+    """Resolve every model to a local directory and build the student's initial weights."""
     student_init = build_student(
         cfg.student.model,
         str(cfg.run_dir / "student_init"),
@@ -70,28 +90,15 @@ def prepare_models(cfg: TVKDConfig) -> ModelPaths:
         init=cfg.student.init,
         seed=cfg.run.seed,
     )
-    tokenizer = resolve_model(cfg.student.tokenizer) if cfg.student.tokenizer else student_init
     paths = ModelPaths(
         student_init=student_init,
         reference=resolve_model(cfg.reference.model) if cfg.reference.model else student_init,
-        tokenizer=tokenizer,
+        tokenizer=resolve_model(cfg.student.tokenizer) if cfg.student.tokenizer else student_init,
     )
-    student_tok = load_tokenizer(tokenizer)
-    others = {"reference": (cfg.reference.model, paths.reference)}
     if cfg.uses_teacher:
         paths.teacher = resolve_model(cfg.teacher.model)
-        others["teacher"] = (cfg.teacher.model, paths.teacher)
         if cfg.loss.potential == "implicit_reward":
             paths.teacher_ref = resolve_model(cfg.teacher.ref_model)
-            others["teacher.ref_model"] = (cfg.teacher.ref_model, paths.teacher_ref)
-    for role, (name, path) in others.items():
-        if name is not None:
-            check_tokenizers_compatible(
-                load_tokenizer(path),
-                student_tok,
-                f"{role} tokenizer '{name}'",
-                f"student tokenizer '{cfg.student.tokenizer or cfg.student.model}'",
-            )
     return paths
 
 
@@ -312,12 +319,24 @@ def _stream(cfg: TVKDConfig, paths: ModelPaths, table: pa.Table, split: str) -> 
     return _cached(cfg, split, parts, lambda: _scored(cfg, paths, table))
 
 
-def build_streams(cfg: TVKDConfig, paths: ModelPaths, train_dataset=None, eval_dataset=None):
-    """Read and validate the data (before any model work), then plan the scored streams."""
-    tokenizer = load_tokenizer(paths.tokenizer)
-    train, report = _source_table(
-        cfg, train_dataset if train_dataset is not None else cfg.data.train_path, tokenizer
-    )
+@dataclass
+class PairData:
+    """Validated, shuffled pair tables, ready to be tokenised and scored."""
+
+    train: pa.Table
+    eval: pa.Table | None
+    report: dict[str, Any]
+
+
+def load_data(cfg: TVKDConfig, tokenizer, train_dataset=None, eval_dataset=None) -> PairData:
+    """Read and validate every pair (SPEC §4) before any model or Ray work; a bad row stops the
+    run here, naming its file, row and field."""
+    train_source = train_dataset if train_dataset is not None else cfg.data.train_path
+    if train_source is None:
+        from tvkd_ray.errors import ConfigError
+
+        raise ConfigError("data.train_path: no training data (set it or pass train_dataset)")
+    train, report = _source_table(cfg, train_source, tokenizer)
     eval_table = None
     eval_source = eval_dataset if eval_dataset is not None else cfg.data.eval_path
     if eval_source is not None:
@@ -325,18 +344,22 @@ def build_streams(cfg: TVKDConfig, paths: ModelPaths, train_dataset=None, eval_d
         report.update({f"eval_{k}": v for k, v in eval_report.items()})
         _check_same_format(report, eval_report)
     # A fixed shuffle (run.seed) so resumed and repeated runs see the same order.
-    order = _permutation(train.num_rows, cfg.run.seed)
-    train = train.take(pa.array(order))
+    train = train.take(pa.array(_permutation(train.num_rows, cfg.run.seed)))
     if eval_table is None and cfg.data.eval_fraction > 0:
         n_eval = max(1, int(round(train.num_rows * cfg.data.eval_fraction)))
         eval_table, train = train.slice(0, n_eval), train.slice(n_eval)
+    return PairData(train=train, eval=eval_table, report=report)
+
+
+def build_streams(cfg: TVKDConfig, paths: ModelPaths, data: PairData) -> Streams:
+    """Plan the scored streams (and run them now when ``teacher.cache`` materialises them)."""
     return Streams(
-        train=_stream(cfg, paths, train, "train"),
-        eval=None if eval_table is None else _stream(cfg, paths, eval_table, "eval"),
-        num_train_pairs=train.num_rows,
-        num_eval_pairs=0 if eval_table is None else eval_table.num_rows,
+        train=_stream(cfg, paths, data.train, "train"),
+        eval=None if data.eval is None else _stream(cfg, paths, data.eval, "eval"),
+        num_train_pairs=data.train.num_rows,
+        num_eval_pairs=0 if data.eval is None else data.eval.num_rows,
         rows_per_block=rows_per_block(cfg),
-        data_report=report,
+        data_report=data.report,
     )
 
 

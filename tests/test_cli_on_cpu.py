@@ -1,0 +1,124 @@
+"""The CLI: --help, --print-config, and bad input ending in one clear line without a traceback.
+
+Every bad-input case here fails before Ray starts or a model loads, so the whole catalogue runs
+in seconds of real CLI subprocesses.
+"""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tvkd_ray.config import field_docs
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "examples" / "tiny.yaml"
+
+
+def _run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TVKD_FAULT_FILE")}
+    return subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "tvkd.py"), *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_help_lists_every_field_with_its_doc():
+    proc = _run("--help")
+    assert proc.returncode == 0, proc.stderr
+    for key, _typ, _default, help_text in field_docs():
+        assert f"--{key}" in proc.stdout
+        assert help_text.split()[0] in proc.stdout
+
+
+def test_print_config_is_the_resolved_yaml():
+    proc = _run("--config", str(TINY), "--loss.alpha", "0.25", "--train.lr=3e-4", "--print-config")
+    assert proc.returncode == 0, proc.stderr
+    tree = yaml.safe_load(proc.stdout)
+    assert tree["loss"]["alpha"] == 0.25
+    assert tree["train"]["lr"] == pytest.approx(3e-4)
+    assert tree["student"]["model"] == "tiny-student"
+
+
+def _pairs(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+GOOD = {"prompt": "Q: 1+1?\nA:", "chosen": " 2", "rejected": " 3"}
+
+
+def _catalogue(tmp: Path) -> list[tuple[list[str], str]]:
+    """(extra CLI args, text the one-line error must contain)."""
+    bad_json = tmp / "bad_json.jsonl"
+    bad_json.write_text(json.dumps(GOOD) + "\n{not json\n")
+    bad_gz = tmp / "bad.jsonl.gz"
+    bad_gz.write_bytes(b"this is not gzip")
+    latin = tmp / "latin.jsonl"
+    latin.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"prompt": "caf\xe9"}\n')
+    empty = tmp / "empty.jsonl"
+    empty.write_text("")
+    hh = tmp / "hh.jsonl"
+    hh.write_text(json.dumps({"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: yo"}) + "\n")
+    conv = tmp / "conv.jsonl"
+    conv.write_text(json.dumps({"chosen": [{"role": "user", "content": "hi"}],
+                                "rejected": [{"role": "user", "content": "yo"}]}) + "\n")
+    with gzip.open(tmp / "ok_hh.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: hello",
+                            "rejected": "\n\nHuman: hi\n\nAssistant: go away"}) + "\n")
+    cases = [
+        (["--loss.alpah", "0.1"], "unknown config key 'loss.alpah' (did you mean 'loss.alpha'?)"),
+        (["--train.batch_size", "four"], "train.batch_size: expected int"),
+        (["--loss.gamma", "2"], "loss.gamma: must be in [0, 1]"),
+        (["--loss.alpha", "-1"], "loss.alpha: must be >= 0"),
+        (["--loss.potential", "implicit_reward"], "teacher.ref_model"),
+        (["--run.stage", "tvkd", "--teacher.model", "null"], "teacher.model"),
+        (["--bogus"], "unexpected argument '--bogus'"),
+        (["--config", str(tmp / "nope.yaml")], "cannot read config file"),
+        (["--student.model", str(tmp / "no-such-model")], "no-such-model"),
+        (["--teacher.model", "smollm2-135m-instruct"], "differ"),  # tokenizer mismatch
+        (["--data.train_path", str(tmp / "missing.jsonl")], "missing.jsonl"),
+        (["--data.train_path", _pairs(tmp / "missing_field.jsonl",
+                                      [GOOD, {"prompt": "x", "chosen": "y"}])],
+         "line 2, field 'rejected'"),
+        (["--data.train_path", _pairs(tmp / "wrong_type.jsonl",
+                                      [{**GOOD, "chosen": 5}])], "line 1, field 'chosen'"),
+        (["--data.train_path", _pairs(tmp / "empty_resp.jsonl",
+                                      [GOOD, {**GOOD, "rejected": "   "}])],
+         "line 2, field 'rejected'"),
+        (["--data.train_path", _pairs(tmp / "same.jsonl",
+                                      [{**GOOD, "rejected": GOOD["chosen"]}])], "line 1"),
+        (["--data.train_path", str(bad_json)], "line 2"),
+        (["--data.train_path", str(bad_gz)], "bad.jsonl.gz"),
+        (["--data.train_path", str(latin)], "line 2"),
+        (["--data.train_path", str(empty)], "empty.jsonl"),
+        (["--data.train_path", str(hh), "--data.format", "implicit_prompt"], "hh.jsonl"),
+        (["--data.train_path", str(conv)], "conv.jsonl"),
+        (["--data.eval_path", str(tmp / "ok_hh.jsonl.gz")], "format"),  # eval format differs
+    ]
+    return cases
+
+
+def test_bad_input_catalogue_one_line_no_traceback(tmp_path):
+    failures = []
+    for extra, expected in _catalogue(tmp_path):
+        out = tmp_path / "out"
+        proc = _run("--config", str(TINY), "--run.output_dir", str(out), "--tracking.enabled",
+                    "false", *extra)
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        problem = None
+        if proc.returncode != 2:
+            problem = f"exit {proc.returncode}"
+        elif "Traceback" in proc.stderr + proc.stdout:
+            problem = "traceback printed"
+        elif len(lines) != 1 or expected not in lines[0]:
+            problem = f"message {lines!r} lacks {expected!r}"
+        if problem:
+            failures.append(f"{extra}: {problem}\n{proc.stderr[-1500:]}")
+    assert not failures, "\n\n".join(failures)
+    assert len(_catalogue(tmp_path)) >= 15
