@@ -28,7 +28,7 @@ import torch.distributed as dist
 from actors.faults import maybe_crash
 from tvkd_ray.config import TVKDConfig, config_from_dict
 from tvkd_ray.data import collate
-from tvkd_ray.errors import CheckpointError
+from tvkd_ray.errors import CheckpointError, DataError
 from tvkd_ray.forward import ResponseLogps, row_sums
 from tvkd_ray.loss import bc_loss, kd_loss, preference_metrics, tvkd_loss
 from tvkd_ray.models import load_model, load_tokenizer
@@ -100,7 +100,9 @@ class StudentStep:
             rows = slice(0, n_pairs)
             input_ids, attention_mask = input_ids[rows], attention_mask[rows]
             response_mask = response_mask[rows]
-        logps, topk_logps = self.policy(input_ids, attention_mask, response_mask, topk_ids)
+        # fp32 weights everywhere; on GPU the forward runs under bf16 autocast.
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            logps, topk_logps = self.policy(input_ids, attention_mask, response_mask, topk_ids)
         seq_logps = row_sums(logps, response_mask)
         chosen_mask = response_mask[:n_pairs]
         tokens = int(attention_mask.sum())
@@ -201,8 +203,11 @@ def _save_checkpoint(directory: Path, model, optimizer, scheduler, state: dict, 
     (directory / STATE_FILE).write_text(json.dumps(state))
 
 
-def _load_checkpoint(directory: Path, model, optimizer, scheduler) -> tuple[dict, np.ndarray]:
-    """Restore training state; a damaged file gives a CheckpointError naming it."""
+def _load_checkpoint(
+    directory: Path, model, optimizer, scheduler, origin: str
+) -> tuple[dict, np.ndarray]:
+    """Restore training state; a damaged file gives a CheckpointError naming it in ``origin``
+    (the checkpoint's storage path; ``directory`` may be a local copy of it)."""
     from safetensors.torch import load_model as load_weights_into
 
     current = None
@@ -222,17 +227,44 @@ def _load_checkpoint(directory: Path, model, optimizer, scheduler) -> tuple[dict
     except Exception as exc:
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise CheckpointError(
-            f"checkpoint file {current} is corrupted or truncated ({reason}); delete its "
-            f"checkpoint directory {directory.parent} to resume from an earlier checkpoint, or "
-            "use a new run.name to start over"
+            f"checkpoint file {Path(origin) / current.name} is corrupted or truncated ({reason}); "
+            f"restore it, or start over by deleting {Path(origin).parent} or choosing a new "
+            "run.name"
         ) from None
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     return state, consumed
 
 
-def _iterate(shard, batch_size: int, skip_ids: np.ndarray | None = None):
-    """Yield (pa.Table batch, seconds waited for it), leaving out pairs trained before a resume."""
+def drop_nonfinite(table: pa.Table, on_invalid: str) -> tuple[pa.Table, int]:
+    """Pairs whose teacher potentials or reference log-probs are not finite are never trained on:
+    they are named in a DataError (``on_invalid="error"``) or dropped and counted (``skip``)."""
+    bad = np.zeros(table.num_rows, dtype=bool)
+    for name in ("chosen_potentials", "rejected_potentials"):
+        if name in table.column_names:
+            values = table.column(name).combine_chunks()
+            nonfinite = ~np.isfinite(pc.list_flatten(values).to_numpy(zero_copy_only=False))
+            if nonfinite.any():
+                rows = pc.list_parent_indices(values).to_numpy(zero_copy_only=False)
+                bad[rows[nonfinite]] = True
+    for name in ("ref_chosen_logps", "ref_rejected_logps"):
+        if name in table.column_names:
+            bad |= ~np.isfinite(table.column(name).to_numpy(zero_copy_only=False))
+    if not bad.any():
+        return table, 0
+    if on_invalid == "error":
+        ids = table.column("pair_id").to_numpy()[bad]
+        shown = ", ".join(str(i) for i in ids[:10]) + (" ..." if len(ids) > 10 else "")
+        raise DataError(
+            f"teacher potentials or reference log-probs are not finite for pair_id {shown}; "
+            "check the teacher and reference models, or set data.on_invalid=skip to drop them"
+        )
+    return table.filter(pa.array(~bad)), int(bad.sum())
+
+
+def _iterate(shard, batch_size: int, on_invalid: str, skipped: dict, skip_ids=None):
+    """Yield (pa.Table batch, seconds waited for it), leaving out pairs trained before a resume
+    and pairs with non-finite teacher/reference values (counted in ``skipped``)."""
     iterator = iter(
         shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=2)
     )
@@ -245,17 +277,17 @@ def _iterate(shard, batch_size: int, skip_ids: np.ndarray | None = None):
         waited = time.perf_counter() - start
         if skip_ids is not None and len(skip_ids):
             table = table.filter(pc.invert(pc.is_in(table["pair_id"], pa.array(skip_ids))))
-            if table.num_rows == 0:
-                continue
-        yield table, waited
+        table, dropped = drop_nonfinite(table, on_invalid)
+        skipped["nonfinite"] = skipped.get("nonfinite", 0) + dropped
+        if table.num_rows:
+            yield table, waited
 
 
 def _evaluate(step_fn: StudentStep, worker: _Worker, shard, batch_size: int) -> dict[str, float]:
     """Pair-weighted eval metrics over every worker's eval shard."""
-    keys = None
     totals: dict[str, float] = {}
     with torch.no_grad():
-        for table, _ in _iterate(shard, batch_size):
+        for table, _ in _iterate(shard, batch_size, step_fn.config.data.on_invalid, {}):
             _, sums, _ = step_fn(table)
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + v
@@ -305,11 +337,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            state, consumed = _load_checkpoint(Path(ckpt_dir), model, optimizer, scheduler)
+            state, consumed = _load_checkpoint(
+                Path(ckpt_dir), model, optimizer, scheduler, origin=checkpoint.path
+            )
     run_id = state.get("mlflow_run_id") or loop_config.get("mlflow_run_id")
     logger = RunLogger(loop_config.get("tracking_uri") if worker.rank == 0 else None, run_id)
     if worker.rank == 0 and checkpoint is not None:
         logger.set_tag("tvkd.resumed_from_step", str(state["step"]))
+        logger.set_status("RUNNING")
 
     step_fn = StudentStep(cfg, policy, tokenizer.pad_token_id, device)
     placeholder = placeholder_batch(cfg, tokenizer.pad_token_id)
@@ -357,7 +392,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     done = cfg.train.max_steps is not None and state["step"] >= cfg.train.max_steps
     while state["epoch"] < cfg.train.epochs and not done:
-        batches = _iterate(train_shard, cfg.train.batch_size, skip_ids=consumed)
+        skipped: dict[str, int] = {}
+        batches = _iterate(
+            train_shard, cfg.train.batch_size, cfg.data.on_invalid, skipped, skip_ids=consumed
+        )
         window: dict[str, Any] = {"sums": {}, "start": time.perf_counter(), "steps": 0}
         exhausted = False
         epoch_pairs = len(consumed)  # global count, known to every worker
@@ -417,10 +455,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 last_metrics.update(metrics)
                 report(metrics, save=save_now)
         ids = epoch_ids()
+        nonfinite = worker.sum([float(skipped.get("nonfinite", 0))])[0]
         if worker.rank == 0:
             seen_dir.mkdir(parents=True, exist_ok=True)
             np.save(seen_dir / f"epoch{state['epoch']}.npy", ids)
-            logger.log_metrics({"data/pairs_trained_epoch": float(len(ids))}, state["step"])
+            logger.log_metrics(
+                {"data/pairs_trained_epoch": float(len(ids)),
+                 "data/skipped_nonfinite_epoch": nonfinite},
+                state["step"],
+            )
         if not done:
             state["epoch"] += 1
             seen.clear()

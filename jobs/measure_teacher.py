@@ -45,10 +45,15 @@ TOP_K = 32
 THREADS = 2
 
 # Peak RSS growth (KiB) of one potential computation, run in a fresh interpreter. Clearing the
-# kernel's high-water mark after a warm-up makes ru_maxrss measure the computation alone.
+# kernel's high-water mark (VmHWM) after a warm-up makes it measure the computation alone
+# (ru_maxrss would not do: it also keeps the peaks recorded when any thread exited).
 _MEMORY_PROBE = """
-import resource, sys, time, torch
+import sys, time, torch
 from tvkd_ray.potentials import soft_value, soft_value_from_hidden
+
+def status_kib(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
 
 torch.set_num_threads({threads})
 torch.manual_seed(0)
@@ -61,10 +66,10 @@ else:
 run(hidden[:8])  # warm up kernels and thread pools
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = status_kib("VmRSS")
 start = time.perf_counter()
 run(hidden)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, time.perf_counter() - start)
+print(status_kib("VmHWM") - before, time.perf_counter() - start)
 """
 # glibc would otherwise keep freed chunk-sized blocks mapped, so RSS would show the allocator's
 # retention instead of the tensors alive at once (see tests/test_potentials_on_cpu.py).
@@ -173,6 +178,11 @@ def speed(tables: list[pa.Table], teacher_dir: str, rounds: int) -> dict[str, fl
     return result
 
 
+def load_average() -> float:
+    """1-minute load average: the cores are shared, and the timings depend on it."""
+    return os.getloadavg()[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
@@ -185,11 +195,11 @@ def main() -> None:
     teacher_dir = resolve_model(TEACHER)
     tables = batches(args.batches, args.pairs, args.max_length)
 
-    figures = {
-        "payload": payload(tables, teacher_dir),
-        "memory": memory(positions=8 * 1024, hidden_size=576, vocab=49152),
-        "speed": speed(tables, teacher_dir, args.rounds),
-    }
+    figures = {"load_average_start": load_average()}
+    figures["payload"] = payload(tables, teacher_dir)
+    figures["memory"] = memory(positions=8 * 1024, hidden_size=576, vocab=49152)
+    figures["speed"] = speed(tables, teacher_dir, args.rounds)
+    figures["load_average_end"] = load_average()
     p, m, s = figures["payload"], figures["memory"], figures["speed"]
     print(f"(a) teacher -> trainer payload, {p['response_tokens']} response tokens")
     print(f"    {'mode':<22} {'Arrow B/token':>14} {'IPC B/token':>12}")
@@ -217,6 +227,10 @@ def main() -> None:
     for name in ("TeacherPotentials", "bare forward loop"):
         print(f"    {name:<22} {s[name]:>9.0f}")
     print(f"    ratio {s['ratio']:.2f}")
+    print(
+        f"1-min load average on {os.cpu_count()} cores: {figures['load_average_start']:.1f} at "
+        f"start, {figures['load_average_end']:.1f} at end (other processes share the cores)"
+    )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1))
 

@@ -62,7 +62,7 @@ def _process_group(args: list[str], env: dict, log: Path):
 
 def _env() -> dict:
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
-    for key in ("RAY_ADDRESS", "TVKD_FAULT_FILE", "TVKD_FAULT"):
+    for key in ("RAY_ADDRESS", "TVKD_FAULT_FILE", "TVKD_FAULT", "MLFLOW_TRACKING_URI"):
         env.pop(key, None)
     return env
 

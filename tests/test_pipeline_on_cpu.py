@@ -60,6 +60,12 @@ def make_config(train_file, output_dir):
     return make
 
 
+def build_streams(cfg, paths) -> pipeline.Streams:
+    """The pipeline as ``fit`` runs it: tokenizers and pairs checked first, then the plan."""
+    data = pipeline.load_data(cfg, pipeline.check_tokenizers(cfg))
+    return pipeline.build_streams(cfg, paths, data)
+
+
 def consume(ds) -> pa.Table:
     """All rows of a dataset through ``iter_batches``, sorted by pair_id."""
     batches = list(ds.iter_batches(batch_size=8, batch_format="pyarrow"))
@@ -99,7 +105,7 @@ def assert_every_pair_once_with_direct_values(rows: pa.Table, cfg, paths) -> Non
 def test_stream_delivers_every_pair_once_with_direct_values(ray_cluster, make_config):
     cfg = make_config()
     paths = pipeline.prepare_models(cfg)
-    streams = pipeline.build_streams(cfg, paths)
+    streams = build_streams(cfg, paths)
     assert streams.eval is None and streams.num_train_pairs == NUM_PAIRS
     rows = consume(streams.train)
     assert_every_pair_once_with_direct_values(rows, cfg, paths)
@@ -119,13 +125,13 @@ def test_teacher_cache_reuses_matching_parquet_and_recomputes_on_change(
     scored = pipeline._scored
     monkeypatch.setattr(pipeline, "_scored", lambda *args: plans.append(args) or scored(*args))
 
-    first = consume(pipeline.build_streams(cfg, paths).train)
+    first = consume(build_streams(cfg, paths).train)
     assert len(plans) == 1
     (entry,) = cache.glob("train-*")
     assert (entry / "_fingerprint.json").is_file() and list(entry.glob("data/*.parquet"))
     assert_every_pair_once_with_direct_values(first, cfg, paths)
 
-    again = pipeline.build_streams(cfg, paths).train
+    again = build_streams(cfg, paths).train
     second = consume(again)
     assert len(plans) == 1, "a matching cache entry must not run the teacher again"
     assert "TeacherPotentials" not in again.stats()
@@ -133,7 +139,7 @@ def test_teacher_cache_reuses_matching_parquet_and_recomputes_on_change(
 
     changed = make_config(f"teacher.cache={cache}", "loss.tau=2.0")
     with caplog.at_level(logging.INFO, logger=pipeline.logger.name):
-        third = consume(pipeline.build_streams(changed, paths).train)
+        third = consume(build_streams(changed, paths).train)
     assert len(plans) == 2
     entries = set(cache.glob("train-*"))
     assert entry in entries and len(entries) == 2, "a changed setting needs its own entry"
@@ -151,7 +157,7 @@ def test_dead_teacher_actor_is_restarted_and_every_pair_arrives_once(
     assert cfg.teacher.max_restarts >= 1 and NUM_PAIRS > 2 * cfg.teacher.batch_size
     paths = pipeline.prepare_models(cfg)
     marker = arm_fault("teacher", 2)  # exits (os._exit) on its 2nd batch, once
-    rows = consume(pipeline.build_streams(cfg, paths).train)
+    rows = consume(build_streams(cfg, paths).train)
     assert marker.exists(), "the teacher actor never crashed"
     assert "teacher pid" in marker.read_text()
     assert_every_pair_once_with_direct_values(rows, cfg, paths)

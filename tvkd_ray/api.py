@@ -105,7 +105,13 @@ def fit(config, train_dataset=None, eval_dataset=None) -> FitResult:
         paths = pipeline.prepare_models(cfg)
         streams = pipeline.build_streams(cfg, paths, data)
         run_id = tracking.open_run(cfg, {f"data.{k}": v for k, v in streams.data_report.items()})
-        return _train(cfg, paths, streams, uri, run_id)
+        try:
+            return _train(cfg, paths, streams, uri, run_id)
+        except BaseException as exc:
+            # A stopped run is KILLED (rerun to resume), anything else FAILED.
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            tracking.RunLogger(uri, run_id).set_status(status)
+            raise
     finally:
         if started:
             import ray

@@ -67,7 +67,8 @@ def open_run(config: TVKDConfig, extra_params: dict[str, Any] | None = None) -> 
     uri = tracking_uri(config)
     config.run_dir.mkdir(parents=True, exist_ok=True)
     id_file = config.run_dir / RUN_ID_FILE
-    mlflow.set_tracking_uri(uri)
+    # A client, not mlflow.set_tracking_uri: that would also export MLFLOW_TRACKING_URI to every
+    # later subprocess of a pipeline that embeds fit().
     client = mlflow.MlflowClient(uri)
     if id_file.exists():
         run_id = id_file.read_text().strip()
@@ -76,9 +77,14 @@ def open_run(config: TVKDConfig, extra_params: dict[str, Any] | None = None) -> 
             return run_id
         except mlflow.exceptions.MlflowException:
             logger.warning("MLflow run %s of %s is gone; starting a new run", run_id, id_file)
-    experiment = mlflow.set_experiment(config.tracking.experiment)
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    experiment_id = (
+        experiment.experiment_id
+        if experiment is not None
+        else client.create_experiment(config.tracking.experiment)
+    )
     run = client.create_run(
-        experiment.experiment_id,
+        experiment_id,
         run_name=config.run.name,
         tags={"tvkd.run_dir": str(config.run_dir), "tvkd.stage": config.run.stage},
     )
@@ -95,11 +101,21 @@ def open_run(config: TVKDConfig, extra_params: dict[str, Any] | None = None) -> 
 
 
 class RunLogger:
-    """Logs metrics to one MLflow run from the rank-0 worker; failures only warn."""
+    """Logs metrics to one MLflow run from the rank-0 worker; failures only warn.
+
+    After ``MAX_FAILURES`` failed calls in a row logging is switched off for the rest of the run,
+    so an unreachable server costs a few timeouts, not a stall at every step.
+    """
+
+    MAX_FAILURES = 3
 
     def __init__(self, uri: str | None, run_id: str | None):
         self.run_id = run_id
         self._client = None
+        self._failures = 0
+        # MLflow's HTTP client retries for minutes by default; training must not wait that long.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         if uri and run_id:
             try:
                 import mlflow
@@ -113,8 +129,14 @@ class RunLogger:
             return
         try:
             fn(*args, **kwargs)
+            self._failures = 0
         except Exception as exc:  # tracking must never stop training
+            self._failures += 1
             logger.warning("MLflow %s failed (training goes on): %s", what, exc)
+            if self._failures >= self.MAX_FAILURES:
+                logger.warning("MLflow failed %d times in a row: logging is off for this run",
+                               self._failures)
+                self._client = None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         import time
@@ -137,10 +159,12 @@ class RunLogger:
     def log_dict(self, data: dict, name: str) -> None:
         self._safely("log_dict", self._client and self._client.log_dict, self.run_id, data, name)
 
-    def finish(self, status: str = "FINISHED") -> None:
-        self._safely(
-            "set_terminated", self._client and self._client.set_terminated, self.run_id, status
-        )
+    def set_status(self, status: str) -> None:
+        """RUNNING again after a resume; FINISHED, FAILED or KILLED at the end."""
+        self._safely("update_run", self._client and self._client.update_run, self.run_id, status)
+
+    def finish(self) -> None:
+        self.set_status("FINISHED")
 
 
 def mlflow_ui_command(uri: str) -> str:
