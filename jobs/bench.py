@@ -31,8 +31,11 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import shlex
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -272,14 +275,24 @@ def median(values: list[float]) -> float:
 def fit_steady_state(bench: Bench, cfg: TVKDConfig) -> dict:
     """Run ``tvkd_ray.fit`` and read its per-step MLflow history back: medians over the steps
     after the warm-up of tokens/s, step time, data wait, and the time between steps that the
-    step itself does not cover (metric reporting and logging)."""
+    step itself does not cover (metric reporting and logging); plus what each Ray Data actor
+    pool did meanwhile."""
     import mlflow
 
     import tvkd_ray
 
-    start = time.perf_counter()
-    result = tvkd_ray.fit(cfg)
-    wall_s = time.perf_counter() - start
+    # fit() starts a private Ray instance; a Ray temp folder of our own makes its session logs
+    # (Ray Data's operator metrics) ours alone on a machine where others run Ray too.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="tvkd-ray-"))
+    os.environ["RAY_TMPDIR"] = str(ray_tmp)
+    try:
+        start = time.perf_counter()
+        result = tvkd_ray.fit(cfg)
+        wall_s = time.perf_counter() - start
+        operators = ray_data_operators(ray_tmp)
+    finally:
+        del os.environ["RAY_TMPDIR"]
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     client = mlflow.MlflowClient(result.tracking_uri)
     keys = {
         "tokens_per_s": "perf/tokens_per_s",
@@ -309,6 +322,8 @@ def fit_steady_state(bench: Bench, cfg: TVKDConfig) -> dict:
         "steps_measured": len(step_s),
         "wall_s": wall_s,
         "tokens_per_s": median(history["tokens_per_s"][keep]),
+        # Whole measured span (total tokens / total time), less sensitive to odd steps.
+        "tokens_per_s_overall": sum(tokens[keep]) / sum(window[keep]) if step_s else float("nan"),
         "tokens_per_step": median(tokens[keep]),
         "window_s": median(window[keep]),
         "step_s": median(step_s),
@@ -316,7 +331,31 @@ def fit_steady_state(bench: Bench, cfg: TVKDConfig) -> dict:
         "wait_share": sum(wait_s) / sum(step_s) if step_s else float("nan"),
         "report_s": median([w - s for w, s in zip(window[keep], step_s)]),
         "teacher_bytes_per_token": result.metrics.get("perf/teacher_bytes_per_token"),
+        "ray_data_operators": operators,
     }
+
+
+def ray_data_operators(ray_tmp: Path) -> dict[str, dict]:
+    """Batches run and mean seconds in the UDF per batch of every ``map_batches`` operator, from
+    the last "Operator Metrics" dump in Ray Data's log of the run's session (a DEBUG log whose
+    format may change between Ray versions: empty when nothing matches)."""
+    last: dict[str, str] = {}
+    for log in ray_tmp.glob("ray/session_*/logs/ray-data/ray-data.log"):
+        for line in log.read_text(errors="replace").splitlines():
+            match = re.match(r"MapBatches\((\w+)\): \{(.*)\}$", line)
+            if match:
+                last[match.group(1)] = match.group(2)
+    operators = {}
+    for name, body in last.items():
+        fields = {k: float(v) for k, v in re.findall(r"'(\w+)': ([0-9.]+)[,}]", body + "}")}
+        batches = int(fields.get("num_task_outputs_generated", 0))
+        udf_s = fields.get("function_body_time_s", float("nan"))
+        operators[name] = {
+            "batches": batches,
+            "udf_s_total": udf_s,
+            "udf_s_per_batch": udf_s / batches if batches else float("nan"),
+        }
+    return operators
 
 
 # ---------------------------------------------------------------------- the bare-loop baseline
@@ -517,19 +556,72 @@ def suite_pipeline(bench: Bench) -> tuple[dict, str]:
     return results, text
 
 
+# Peak memory of one potential computation in a fresh interpreter (measure_teacher.py's probe,
+# reading the high-water mark from /proc/self/status: getrusage's ru_maxrss of an exec'd child
+# starts at its parent's high-water mark, so a large parent such as this script would hide the
+# child's growth). Prints "<KiB of RSS growth> <seconds>".
+_MEMORY_PROBE = """
+import sys, time, torch
+from tvkd_ray.potentials import soft_value, soft_value_from_hidden
+
+def status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+torch.set_num_threads({threads})
+torch.manual_seed(0)
+hidden = torch.randn({positions}, {hidden_size})
+weight = torch.randn({vocab}, {hidden_size}) / {hidden_size} ** 0.5
+if sys.argv[1] == "chunked":
+    run = lambda h: soft_value_from_hidden(h, weight)
+else:
+    run = lambda h: soft_value(torch.nn.functional.linear(h, weight))
+run(hidden[:8])  # warm up kernels and thread pools
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the high-water mark restarts from the current RSS
+before = status_kib("VmRSS")
+start = time.perf_counter()
+run(hidden)
+print(status_kib("VmHWM") - before, time.perf_counter() - start)
+"""
+
+
+def potential_memory(positions: int, hidden_size: int, vocab: int) -> dict:
+    """Peak RSS growth (MiB) and seconds of the chunked and the full-logits path, each in a
+    fresh process (as measure_teacher.memory does)."""
+    probe = _MEMORY_PROBE.format(
+        threads=THREADS, positions=positions, hidden_size=hidden_size, vocab=vocab
+    )
+    result = {}
+    for path in ("chunked", "full"):
+        proc = subprocess.run(
+            [sys.executable, "-c", probe, path],
+            cwd=REPO,
+            # glibc would otherwise keep freed chunk-sized blocks mapped, so RSS would show the
+            # allocator's retention instead of the tensors alive at once.
+            env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        kib, seconds = proc.stdout.split()
+        result[path] = {"peak_rss_growth_mib": int(kib) / 1024, "seconds": float(seconds)}
+    return result
+
+
 def suite_teacher(bench: Bench) -> tuple[dict, str]:
     hidden_size = 576  # SmolLM2's width; the LM-head matmul cost scales with it
     cases = []
     for positions, vocab in bench.plan.memory_cases:
         runs = [
-            measure_teacher.memory(positions, hidden_size, vocab)
+            potential_memory(positions, hidden_size, vocab)
             for _ in range(bench.plan.memory_repeats)
         ]
         case = {
             "positions": positions,
             "vocab": vocab,
             "hidden_size": hidden_size,
-            "full_logits_fp32_mib": runs[0]["full_logits_fp32_mib"],
+            "full_logits_fp32_mib": positions * vocab * 4 / 2**20,
             "chunk_fp32_mib": DEFAULT_CHUNK_BYTES / 2**20,
         }
         for path in ("chunked", "full"):
@@ -565,10 +657,10 @@ def suite_teacher(bench: Bench) -> tuple[dict, str]:
     )
     text += (
         f"\npeak = RSS high-water growth of the computation in a fresh process (median of "
-        f"{bench.plan.memory_repeats}); hidden {hidden_size}; one chunk of fp32 logits <= "
-        f"{DEFAULT_CHUNK_BYTES / 2**20:.0f} MiB"
+        f"{bench.plan.memory_repeats}); hidden {hidden_size}; {THREADS} threads; one chunk of "
+        f"fp32 logits <= {DEFAULT_CHUNK_BYTES / 2**20:.0f} MiB"
     )
-    return {"cases": cases, "threads": measure_teacher.THREADS}, text
+    return {"cases": cases, "threads": THREADS}, text
 
 
 def suite_payload(bench: Bench) -> tuple[dict, str]:

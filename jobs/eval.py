@@ -161,24 +161,26 @@ def multiple_choice_accuracy(
 # ------------------------------------------------------------------------------------- data
 
 
-def _choice_item(row: Any) -> dict[str, Any]:
-    """A validated HellaSwag row; ValueError names the faulty field."""
+def _choice_item(row: Any, where: str) -> dict[str, Any]:
+    """A validated HellaSwag row; a DataError names ``where`` and the faulty field."""
     if not isinstance(row, dict):
-        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     ctx, endings, label = row.get("ctx"), row.get("endings"), row.get("label")
     if not isinstance(ctx, str) or not ctx.strip():
-        raise ValueError("field 'ctx': expected a non-empty string")
+        raise DataError(f"{where}, field 'ctx': expected a non-empty string")
     if not (
         isinstance(endings, list)
         and len(endings) >= 2
         and all(isinstance(text, str) and text.strip() for text in endings)
     ):
-        raise ValueError("field 'endings': expected a list of at least two non-empty strings")
+        raise DataError(
+            f"{where}, field 'endings': expected a list of two or more non-empty strings"
+        )
     if isinstance(label, str) and label.isdigit():  # the Hugging Face copy stores "0".."3"
         label = int(label)
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(endings):
-        raise ValueError(
-            f"field 'label': expected an index of 'endings' (0..{len(endings) - 1}), "
+        raise DataError(
+            f"{where}, field 'label': expected an index of 'endings' (0..{len(endings) - 1}), "
             f"got {row.get('label')!r}"
         )
     return {"ctx": ctx, "endings": endings, "label": label}
@@ -194,15 +196,13 @@ def load_multiple_choice(path: str | Path) -> list[dict[str, Any]]:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
+            where = f"{path}, line {number}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 problem = f"invalid JSON ({exc.msg} at column {exc.colno})"
-                raise DataError(f"{path}, line {number}: {problem}") from None
-            try:
-                items.append(_choice_item(row))
-            except ValueError as exc:
-                raise DataError(f"{path}, line {number}: {exc}") from None
+                raise DataError(f"{where}: {problem}") from None
+            items.append(_choice_item(row, where))
     if not items:
         raise DataError(f"{path}: contains no rows")
     return items
