@@ -369,6 +369,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         """All workers call report; rank 0 attaches the checkpoint and logs to MLflow."""
         if worker.rank == 0 and log:
             logger.log_metrics(metrics, state["step"])
+            print(_progress_line(state["step"], loop_config["total_steps"], metrics), flush=True)
         if not save:
             ray.train.report(metrics)
             return
@@ -389,6 +390,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics = _evaluate(step_fn, worker, eval_shard, cfg.train.batch_size)
         model.train()
         return metrics
+
+    if state["step"] == 0 and eval_shard is not None:
+        # Step-0 eval: where the student starts, so every curve has its baseline.
+        initial = run_eval()
+        if worker.rank == 0:
+            logger.log_metrics(initial, 0)
 
     done = cfg.train.max_steps is not None and state["step"] >= cfg.train.max_steps
     while state["epoch"] < cfg.train.epochs and not done:
@@ -507,6 +514,14 @@ def _window_metrics(worker: _Worker, window: dict, scheduler, state: dict) -> di
             total.get("response_tokens", 1.0), 1.0
         )
     return metrics
+
+
+def _progress_line(step: int, total: int, metrics: dict[str, float]) -> str:
+    """One compact line per report for whoever watches the driver's output."""
+    shown = [("loss", "loss"), ("acc", "rewards/accuracies"), ("margin", "rewards/margins"),
+             ("eval_acc", "eval/rewards/accuracies"), ("tok/s", "perf/tokens_per_s")]
+    parts = [f"{name} {metrics[key]:.4g}" for name, key in shown if key in metrics]
+    return f"[tvkd] step {step}/{total}  " + "  ".join(parts)
 
 
 def _save_hf_model(model, tokenizer, model_dir: Path) -> None:

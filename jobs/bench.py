@@ -29,6 +29,7 @@ import argparse
 import datetime
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import re
@@ -60,7 +61,7 @@ import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
 # Runs as a script from a checkout: the repository for the packages, this folder for
-# measure_teacher (whose payload and memory measurements the payload/teacher suites reuse).
+# measure_teacher (the payload suite reuses its batches and payload measurement).
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(Path(__file__).resolve().parent)]
 
@@ -84,6 +85,9 @@ STUDENT_SHAPE = {"layers": 4, "width": 256}
 BATCH_PAIRS = 8
 THREADS = os.cpu_count() or 1  # the single-process baselines use the whole machine
 TARGETS = {"pipeline": 0.85, "wait_share": 0.05, "payload": 8.0, "trl": 1.7}
+# A 1-minute load average above this many times the CPU count means other work competed with the
+# benchmark (its own runs keep about one process per core busy).
+BUSY_LOAD = 1.5
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,7 @@ class Plan:
     steps: int  # optimiser steps per timed training run (Ray fit, TRL, bare loop)
     warmup: int  # first steps of every run left out of the steady-state medians
     bare_rounds: int  # bare-loop passes in the pipeline suite: before, and after, the Ray run
-    profile_batches: int  # batches of the per-stage profile at the pipeline's thread counts
+    profile_batches: int  # batches of the per-stage profile at one thread (as in the pipeline)
     memory_cases: tuple[tuple[int, int], ...]  # (positions, vocab) of the teacher suite
     memory_repeats: int  # fresh processes per case and path (median taken)
     payload_batches: int  # batches of BATCH_PAIRS pairs per dataset in the payload suite
@@ -199,7 +203,7 @@ def build_llama(out_dir: Path, *, layers: int, width: int, seed: int) -> str:
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=width,
-        intermediate_size=-(-8 * width // 3 // 64) * 64,
+        intermediate_size=math.ceil(8 * width / 3 / 64) * 64,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=max(1, heads // 2),
@@ -284,6 +288,7 @@ def fit_steady_state(bench: Bench, cfg: TVKDConfig) -> dict:
     # fit() starts a private Ray instance; a Ray temp folder of our own makes its session logs
     # (Ray Data's operator metrics) ours alone on a machine where others run Ray too.
     ray_tmp = Path(tempfile.mkdtemp(prefix="tvkd-ray-"))
+    previous = os.environ.get("RAY_TMPDIR")
     os.environ["RAY_TMPDIR"] = str(ray_tmp)
     try:
         start = time.perf_counter()
@@ -291,7 +296,10 @@ def fit_steady_state(bench: Bench, cfg: TVKDConfig) -> dict:
         wall_s = time.perf_counter() - start
         operators = ray_data_operators(ray_tmp)
     finally:
-        del os.environ["RAY_TMPDIR"]
+        if previous is None:
+            del os.environ["RAY_TMPDIR"]
+        else:
+            os.environ["RAY_TMPDIR"] = previous
         shutil.rmtree(ray_tmp, ignore_errors=True)
     client = mlflow.MlflowClient(result.tracking_uri)
     keys = {
@@ -488,21 +496,10 @@ def suite_pipeline(bench: Bench) -> tuple[dict, str]:
     for _ in range(plan.bare_rounds - 1):
         bare_round()
     bare_rate = median([r["tokens_per_s"] for r in bare_rounds])
-    # The same stages at the thread counts the pipeline gives them (one CPU per actor/worker):
-    # the pipeline overlaps them across processes, so the slowest bounds its throughput.
-    threads = {
-        "teacher": max(1, int(cfg.teacher.num_cpus_per_actor)),
-        "reference": max(1, int(cfg.reference.num_cpus_per_actor)),
-        "student": max(1, int(cfg.train.num_cpus_per_worker)),
-    }
+    # The stages alone at one thread, as each pipeline process runs them (one CPU each): the
+    # pipeline overlaps them across processes, so the slowest one bounds its throughput.
     profile = bare_summary(
-        bare_loop(
-            bench,
-            batches[: plan.profile_batches + 1],
-            threads=min(threads.values()),
-            teacher=True,
-            alpha=alpha,
-        ),
+        bare_loop(bench, batches[: plan.profile_batches + 1], threads=1, teacher=True, alpha=alpha),
         warmup=1,
     )
     ratio = ray_run["tokens_per_s"] / bare_rate
@@ -513,7 +510,12 @@ def suite_pipeline(bench: Bench) -> tuple[dict, str]:
             "steps": plan.steps,
             "warmup_steps_dropped": plan.warmup,
             "teacher_cache": cfg.teacher.cache,
-            "threads": {"bare_loop": THREADS, "pipeline": threads},
+            "threads_bare_loop": THREADS,
+            "cpus_pipeline": {
+                "teacher": cfg.teacher.num_cpus_per_actor,
+                "reference": cfg.reference.num_cpus_per_actor,
+                "trainer": cfg.train.num_cpus_per_worker,
+            },
             "bare_loop_potentials": "soft_value_from_hidden (chunked, response positions only)",
         },
         "pipeline": ray_run,
@@ -524,6 +526,7 @@ def suite_pipeline(bench: Bench) -> tuple[dict, str]:
         "wait_share": ray_run["wait_share"],
         "target_wait_share": TARGETS["wait_share"],
         "stage_profile_1_thread": profile,
+        "ratio_vs_bare_1_thread": ray_run["tokens_per_s"] / profile["tokens_per_s"],
     }
     rows = [
         ["TVKD pipeline (fit, 1 worker)", ray_run["tokens_per_s"], ray_run["window_s"]],
@@ -531,6 +534,9 @@ def suite_pipeline(bench: Bench) -> tuple[dict, str]:
             [f"bare loop, {THREADS} threads, round {i + 1}", r["tokens_per_s"], r["total_s"]]
             for i, r in enumerate(bare_rounds)
         ],
+        # Threads of one process stall each other when other work takes the cores; one thread
+        # per process, as in the pipeline, is the comparison that survives a busy machine.
+        ["bare loop, 1 thread (stage profile)", profile["tokens_per_s"], profile["total_s"]],
     ]
     text = table(["path", "tokens/s", "s/step"], rows)
     text += f"\nratio pipeline / bare = {ratio:.2f} (target >= {TARGETS['pipeline']})"
@@ -539,20 +545,29 @@ def suite_pipeline(bench: Bench) -> tuple[dict, str]:
         f"(target <= {TARGETS['wait_share']:.0%})\n\n"
     )
     stage_rows = [
-        ["pipeline: step (trainer, incl. wait)", ray_run["step_s"]],
-        ["pipeline: waiting for teacher/reference data", ray_run["wait_s"]],
-        ["pipeline: trainer compute (step - wait)", ray_run["step_s"] - ray_run["wait_s"]],
-        ["pipeline: between steps (report + MLflow log)", ray_run["report_s"]],
-        *[
-            [f"bare {THREADS} threads: {stage}", bare_rounds[0][f"{stage}_s"]]
-            for stage in ("teacher", "reference", "student")
-        ],
-        *[
-            [f"in-process 1 thread: {stage}", profile[f"{stage}_s"]]
-            for stage in ("teacher", "reference", "student")
-        ],
+        ["trainer: step (incl. wait)", "median s", ray_run["step_s"]],
+        ["trainer: waiting for data", "median s", ray_run["wait_s"]],
+        ["trainer: between steps (report, MLflow)", "median s", ray_run["report_s"]],
     ]
-    text += table(["where the time goes (median per step)", "s"], stage_rows)
+    for name, stage in (("TeacherPotentials", "teacher"), ("ReferenceLogps", "reference")):
+        op = ray_run["ray_data_operators"].get(name)
+        if op:
+            stage_rows.append(
+                [
+                    f"{stage} actor ({op['batches']} batches run)",
+                    "mean s/batch",
+                    op["udf_s_per_batch"],
+                ]
+            )
+    stage_rows += [
+        [f"alone, 1 thread: {stage}", "median s", profile[f"{stage}_s"]]
+        for stage in ("teacher", "reference", "student")
+    ]
+    stage_rows += [
+        [f"bare loop, {THREADS} threads: {stage}", "median s", bare_rounds[0][f"{stage}_s"]]
+        for stage in ("teacher", "reference", "student")
+    ]
+    text += table(["where the time goes (per step / batch)", "statistic", "s"], stage_rows)
     return results, text
 
 
@@ -695,7 +710,7 @@ def trl_dpo(bench: Bench) -> dict:
     """TRL's DPOTrainer on the same student, pairs (same order), batch size, lengths and loss
     settings; per-step tokens/s between consecutive step ends, as tvkd-ray's trainer reports."""
     from datasets import Dataset
-    from transformers import TrainerCallback
+    from transformers import PrinterCallback, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     torch.set_num_threads(THREADS)
@@ -730,7 +745,7 @@ def trl_dpo(bench: Bench) -> dict:
         beta=cfg.loss.beta,
         learning_rate=cfg.train.lr,
         lr_scheduler_type="cosine",
-        warmup_ratio=cfg.train.warmup_ratio,
+        warmup_steps=cfg.train.warmup_ratio,  # below 1: a share of the steps
         max_grad_norm=cfg.train.max_grad_norm,
         max_steps=bench.plan.steps,
         logging_steps=1,
@@ -756,6 +771,7 @@ def trl_dpo(bench: Bench) -> dict:
         processing_class=tokenizer,
         callbacks=[clock],
     )
+    trainer.remove_callback(PrinterCallback)  # one printed dict per step would drown the tables
     setup_s = time.perf_counter() - start  # tokenising and the reference precompute
     trainer.train()
     steps = sorted(clock.ends)
@@ -934,6 +950,13 @@ def main() -> int:
                 record["status"] = "error"
                 record["error"] = f"{type(exc).__name__}: {exc}"
                 failed.append(name)
+            busy = max(record["machine"]["load_average_1_5_15"][0], os.getloadavg()[0])
+            if busy > BUSY_LOAD * (os.cpu_count() or 1):
+                record["warning"] = (
+                    f"load average reached {busy:.1f} on {os.cpu_count()} CPUs: other work shared "
+                    "the machine, so the timings of this suite are unreliable"
+                )
+                print(f"warning: {record['warning']}", flush=True)
             record["started"] = started.isoformat(timespec="seconds")
             record["finished"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
             record["wall_s"] = round(time.perf_counter() - clock, 1)

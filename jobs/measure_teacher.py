@@ -183,6 +183,38 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
+def print_payload(p: dict) -> None:
+    print(f"(a) teacher -> trainer payload, {p['response_tokens']} response tokens")
+    print(f"    {'mode':<22} {'Arrow B/token':>14} {'IPC B/token':>12}")
+    for mode in ("potentials only", f"potentials + top-{TOP_K}"):
+        arrow, ipc = p[mode]["arrow_bytes_per_token"], p[mode]["ipc_bytes_per_token"]
+        print(f"    {mode:<22} {arrow:>14.2f} {ipc:>12.2f}", flush=True)
+
+
+def print_memory(m: dict) -> None:
+    print(
+        f"(b) potential memory, [8, 1024] tokens, vocab 49152, hidden 576 "
+        f"(full fp32 logits = {m['full_logits_fp32_mib']:.0f} MiB)"
+    )
+    print(f"    {'path':<40} {'peak RSS growth MiB':>20} {'s':>6}")
+    labels = {"chunked": "soft_value_from_hidden (chunked)", "full": "full logits, then soft_value"}
+    for mode, label in labels.items():
+        growth, seconds = m[mode]["peak_rss_growth_mib"], m[mode]["seconds"]
+        print(f"    {label:<40} {growth:>20.0f} {seconds:>6.2f}", flush=True)
+
+
+def print_speed(s: dict, args: argparse.Namespace) -> None:
+    print(
+        f"(c) teacher speed, {TEACHER} fp32, {THREADS} threads, {args.batches} batches x "
+        f"{args.pairs} pairs, prompt + response <= {args.max_length} tokens, "
+        f"median of {s['samples_per_path']}"
+    )
+    print(f"    {'path':<22} {'tokens/s':>9}")
+    for name in ("TeacherPotentials", "bare forward loop"):
+        print(f"    {name:<22} {s[name]:>9.0f}")
+    print(f"    ratio {s['ratio']:.2f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
@@ -195,38 +227,15 @@ def main() -> None:
     teacher_dir = resolve_model(TEACHER)
     tables = batches(args.batches, args.pairs, args.max_length)
 
+    # Each part prints as soon as it is measured: the speed part takes minutes on a busy machine.
     figures = {"load_average_start": load_average()}
     figures["payload"] = payload(tables, teacher_dir)
+    print_payload(figures["payload"])
     figures["memory"] = memory(positions=8 * 1024, hidden_size=576, vocab=49152)
+    print_memory(figures["memory"])
     figures["speed"] = speed(tables, teacher_dir, args.rounds)
+    print_speed(figures["speed"], args)
     figures["load_average_end"] = load_average()
-    p, m, s = figures["payload"], figures["memory"], figures["speed"]
-    print(f"(a) teacher -> trainer payload, {p['response_tokens']} response tokens")
-    print(f"    {'mode':<22} {'Arrow B/token':>14} {'IPC B/token':>12}")
-    for mode in ("potentials only", f"potentials + top-{TOP_K}"):
-        row = p[mode]
-        arrow, ipc = row["arrow_bytes_per_token"], row["ipc_bytes_per_token"]
-        print(f"    {mode:<22} {arrow:>14.2f} {ipc:>12.2f}")
-    print(
-        f"(b) potential memory, [8, 1024] tokens, vocab 49152, hidden 576 "
-        f"(full fp32 logits = {m['full_logits_fp32_mib']:.0f} MiB)"
-    )
-    print(f"    {'path':<40} {'peak RSS growth MiB':>20} {'s':>6}")
-    labels = {
-        "chunked": "soft_value_from_hidden (chunked)",
-        "full": "full logits, then soft_value",
-    }
-    for mode, label in labels.items():
-        print(f"    {label:<40} {m[mode]['peak_rss_growth_mib']:>20.0f} {m[mode]['seconds']:>6.2f}")
-    print(
-        f"(c) teacher speed, {TEACHER} fp32, {THREADS} threads, {args.batches} batches x "
-        f"{args.pairs} pairs, prompt + response <= {args.max_length} tokens, "
-        f"median of {s['samples_per_path']}"
-    )
-    print(f"    {'path':<22} {'tokens/s':>9}")
-    for name in ("TeacherPotentials", "bare forward loop"):
-        print(f"    {name:<22} {s[name]:>9.0f}")
-    print(f"    ratio {s['ratio']:.2f}")
     print(
         f"1-min load average on {os.cpu_count()} cores: {figures['load_average_start']:.1f} at "
         f"start, {figures['load_average_end']:.1f} at end (other processes share the cores)"

@@ -69,14 +69,14 @@ def _ensure_ray(cfg: TVKDConfig) -> bool:
     from tvkd_ray.pipeline import resource_demand
 
     # Logical CPUs are over-committed on purpose: the pools' processes share the cores, and an
-    # exact count would leave an actor pool waiting forever on a small machine (SPEC §9).
+    # exact count would leave an actor pool waiting on a small machine (SPEC §9). Twice the
+    # demand lets the eval stream start while the train stream's pools are still winding down.
     needed = sum(d["CPU"] for d in resource_demand(cfg).values())
     ray.init(
         address="local",
-        num_cpus=max(os.cpu_count() or 1, math.ceil(needed) + 1),
+        num_cpus=max(os.cpu_count() or 1, 2 * math.ceil(needed) + 1),
         include_dashboard=False,
         runtime_env=runtime_env,
-        log_to_driver=False,
     )
     return True
 

@@ -78,11 +78,16 @@ def open_run(config: TVKDConfig, extra_params: dict[str, Any] | None = None) -> 
         except mlflow.exceptions.MlflowException:
             logger.warning("MLflow run %s of %s is gone; starting a new run", run_id, id_file)
     experiment = client.get_experiment_by_name(config.tracking.experiment)
-    experiment_id = (
-        experiment.experiment_id
-        if experiment is not None
-        else client.create_experiment(config.tracking.experiment)
-    )
+    if experiment is not None:
+        experiment_id = experiment.experiment_id
+    else:
+        # Local stores keep artifacts beside the database, not in ./mlruns of the current
+        # directory (a Ray job's working directory is a temporary copy); servers choose their own.
+        local = urllib.parse.urlparse(uri).scheme in ("sqlite", "file", "")
+        artifacts = (config.run_dir.parent / "mlartifacts").as_uri() if local else None
+        experiment_id = client.create_experiment(
+            config.tracking.experiment, artifact_location=artifacts
+        )
     run = client.create_run(
         experiment_id,
         run_name=config.run.name,
