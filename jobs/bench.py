@@ -36,7 +36,6 @@ import re
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,7 +60,7 @@ import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
 # Runs as a script from a checkout: the repository for the packages, this folder for
-# measure_teacher (the payload suite reuses its batches and payload measurement).
+# measure_teacher, whose payload and memory measurements the payload and teacher suites reuse.
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(Path(__file__).resolve().parent)]
 
@@ -117,7 +116,15 @@ FULL = Plan(
     warmup=6,
     bare_rounds=2,
     profile_batches=12,
-    memory_cases=tuple((n, v) for n in (2048, 8192) for v in (32000, 49152, 128256)),
+    # The full-logits path peaks near 3x the logits: 8192 x 128k would need ~12 GiB.
+    memory_cases=(
+        (2048, 32000),
+        (2048, 49152),
+        (2048, 128256),
+        (8192, 32000),
+        (8192, 49152),
+        (4096, 128256),
+    ),
     memory_repeats=3,
     payload_batches=8,
 )
@@ -345,17 +352,23 @@ def fit_steady_state(bench: Bench, cfg: TVKDConfig) -> dict:
 
 def ray_data_operators(ray_tmp: Path) -> dict[str, dict]:
     """Batches run and mean seconds in the UDF per batch of every ``map_batches`` operator, from
-    the last "Operator Metrics" dump in Ray Data's log of the run's session (a DEBUG log whose
-    format may change between Ray versions: empty when nothing matches)."""
+    the last operator-metrics dump in Ray Data's log of the run's session: the one written when
+    the operator completed, else the last periodic one (a few seconds stale). These are DEBUG
+    lines whose format may change between Ray versions: empty when nothing matches."""
     last: dict[str, str] = {}
     for log in ray_tmp.glob("ray/session_*/logs/ray-data/ray-data.log"):
+        completed = None  # operator whose final metrics are on the next line
         for line in log.read_text(errors="replace").splitlines():
-            match = re.match(r"MapBatches\((\w+)\): \{(.*)\}$", line)
-            if match:
+            if completed and line.startswith("{"):
+                last[completed] = line
+            completed = None
+            if match := re.search(r"MapBatches\((\w+)\)\] completed\. Operator Metrics:$", line):
+                completed = match.group(1)
+            elif match := re.match(r"MapBatches\((\w+)\): (\{.*\})$", line):
                 last[match.group(1)] = match.group(2)
     operators = {}
     for name, body in last.items():
-        fields = {k: float(v) for k, v in re.findall(r"'(\w+)': ([0-9.]+)[,}]", body + "}")}
+        fields = {k: float(v) for k, v in re.findall(r"'(\w+)': ([0-9.]+)[,}]", body)}
         batches = int(fields.get("num_task_outputs_generated", 0))
         udf_s = fields.get("function_body_time_s", float("nan"))
         operators[name] = {
@@ -571,72 +584,19 @@ def suite_pipeline(bench: Bench) -> tuple[dict, str]:
     return results, text
 
 
-# Peak memory of one potential computation in a fresh interpreter (measure_teacher.py's probe,
-# reading the high-water mark from /proc/self/status: getrusage's ru_maxrss of an exec'd child
-# starts at its parent's high-water mark, so a large parent such as this script would hide the
-# child's growth). Prints "<KiB of RSS growth> <seconds>".
-_MEMORY_PROBE = """
-import sys, time, torch
-from tvkd_ray.potentials import soft_value, soft_value_from_hidden
-
-def status_kib(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-torch.set_num_threads({threads})
-torch.manual_seed(0)
-hidden = torch.randn({positions}, {hidden_size})
-weight = torch.randn({vocab}, {hidden_size}) / {hidden_size} ** 0.5
-if sys.argv[1] == "chunked":
-    run = lambda h: soft_value_from_hidden(h, weight)
-else:
-    run = lambda h: soft_value(torch.nn.functional.linear(h, weight))
-run(hidden[:8])  # warm up kernels and thread pools
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # the high-water mark restarts from the current RSS
-before = status_kib("VmRSS")
-start = time.perf_counter()
-run(hidden)
-print(status_kib("VmHWM") - before, time.perf_counter() - start)
-"""
-
-
-def potential_memory(positions: int, hidden_size: int, vocab: int) -> dict:
-    """Peak RSS growth (MiB) and seconds of the chunked and the full-logits path, each in a
-    fresh process (as measure_teacher.memory does)."""
-    probe = _MEMORY_PROBE.format(
-        threads=THREADS, positions=positions, hidden_size=hidden_size, vocab=vocab
-    )
-    result = {}
-    for path in ("chunked", "full"):
-        proc = subprocess.run(
-            [sys.executable, "-c", probe, path],
-            cwd=REPO,
-            # glibc would otherwise keep freed chunk-sized blocks mapped, so RSS would show the
-            # allocator's retention instead of the tensors alive at once.
-            env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)},
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        kib, seconds = proc.stdout.split()
-        result[path] = {"peak_rss_growth_mib": int(kib) / 1024, "seconds": float(seconds)}
-    return result
-
-
 def suite_teacher(bench: Bench) -> tuple[dict, str]:
     hidden_size = 576  # SmolLM2's width; the LM-head matmul cost scales with it
     cases = []
     for positions, vocab in bench.plan.memory_cases:
         runs = [
-            potential_memory(positions, hidden_size, vocab)
+            measure_teacher.memory(positions, hidden_size, vocab)
             for _ in range(bench.plan.memory_repeats)
         ]
         case = {
             "positions": positions,
             "vocab": vocab,
             "hidden_size": hidden_size,
-            "full_logits_fp32_mib": positions * vocab * 4 / 2**20,
+            "full_logits_fp32_mib": runs[0]["full_logits_fp32_mib"],
             "chunk_fp32_mib": DEFAULT_CHUNK_BYTES / 2**20,
         }
         for path in ("chunked", "full"):
@@ -672,10 +632,10 @@ def suite_teacher(bench: Bench) -> tuple[dict, str]:
     )
     text += (
         f"\npeak = RSS high-water growth of the computation in a fresh process (median of "
-        f"{bench.plan.memory_repeats}); hidden {hidden_size}; {THREADS} threads; one chunk of "
-        f"fp32 logits <= {DEFAULT_CHUNK_BYTES / 2**20:.0f} MiB"
+        f"{bench.plan.memory_repeats}); hidden {hidden_size}; {measure_teacher.THREADS} threads; "
+        f"one chunk of fp32 logits <= {DEFAULT_CHUNK_BYTES / 2**20:.0f} MiB"
     )
-    return {"cases": cases, "threads": THREADS}, text
+    return {"cases": cases, "threads": measure_teacher.THREADS}, text
 
 
 def suite_payload(bench: Bench) -> tuple[dict, str]:
@@ -839,16 +799,26 @@ def suite_trl(bench: Bench) -> tuple[dict, str]:
         "target_ratio": TARGETS["trl"],
     }
     rows = [
-        ["tvkd-ray fit, run.stage=dpo", ray_run["tokens_per_s"], results["ratio_tvkd_over_bare"]],
+        [
+            "tvkd-ray fit, run.stage=dpo",
+            ray_run["tokens_per_s"],
+            results["ratio_tvkd_over_bare"],
+            ray_run["window_s"],
+        ],
         [
             "TRL DPOTrainer, precompute_ref_log_probs",
             trl_run["tokens_per_s"],
             results["ratio_trl_over_bare"],
+            trl_run["tokens_per_step"] / trl_run["tokens_per_s"],
         ],
-        ["bare loop", bare["tokens_per_s"], 1.0],
+        ["bare loop", bare["tokens_per_s"], 1.0, bare["total_s"]],
     ]
-    text = table(["path", "tokens/s", "x bare"], rows)
+    text = table(["path", "tokens/s", "x bare", "s/step"], rows)
     text += f"\nratio tvkd-ray / TRL = {ratio:.2f} (target >= {TARGETS['trl']})"
+    text += (
+        f"\ntvkd-ray per step: {ray_run['step_s']:.3f} s in the step, "
+        f"{ray_run['report_s']:.3f} s between steps (ray.train.report, MLflow)"
+    )
     return results, text
 
 
@@ -879,8 +849,10 @@ def suite_scaling(bench: Bench) -> tuple[dict, str]:
         "runs": {str(k): v for k, v in runs.items()},
         "speedup_2_over_1": speedup,
     }
-    rows = [[w, r["tokens_per_s"], r["step_s"], r["wait_share"]] for w, r in runs.items()]
-    text = table(["workers", "tokens/s", "s/step", "wait share"], rows)
+    rows = [
+        [w, r["tokens_per_s"], r["step_s"], r["report_s"], r["wait_share"]] for w, r in runs.items()
+    ]
+    text = table(["workers", "tokens/s", "s in step", "s between steps", "wait share"], rows)
     text += f"\nspeed-up 2 workers / 1 = {speedup:.2f} (ideal 2.0 with a core per worker)"
     return results, text
 
@@ -908,6 +880,43 @@ def parse_suites(text: str) -> list[str]:
     return names
 
 
+def run_suite(name: str, bench: Bench, mode: str, command: str) -> dict:
+    """Run one suite, print its table, and return its JSON record (an error is recorded, not
+    raised, so the other suites still run)."""
+    print(f"\n=== {name} ({mode}) ===", flush=True)
+    started = datetime.datetime.now().astimezone()
+    clock = time.perf_counter()
+    record = {
+        "suite": name,
+        "mode": mode,
+        "command": command,
+        "plan": asdict(bench.plan),
+        "machine": machine(),
+    }
+    try:
+        results, text = SUITE_FUNCTIONS[name](bench)
+        record["status"] = results.pop("status", "ok")
+        record["results"] = results
+        record["table"] = text
+        print(text, flush=True)
+    except Exception as exc:
+        traceback.print_exc()
+        record["status"] = "error"
+        record["error"] = f"{type(exc).__name__}: {exc}"
+    record["load_average_1min_end"] = round(os.getloadavg()[0], 2)
+    busy = max(record["machine"]["load_average_1_5_15"][0], record["load_average_1min_end"])
+    if busy > BUSY_LOAD * (os.cpu_count() or 1):
+        record["warning"] = (
+            f"load average reached {busy:.1f} on {os.cpu_count()} CPUs: other work shared "
+            "the machine, so the timings of this suite are unreliable"
+        )
+        print(f"warning: {record['warning']}", flush=True)
+    record["started"] = started.isoformat(timespec="seconds")
+    record["finished"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    record["wall_s"] = round(time.perf_counter() - clock, 1)
+    return record
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and cases (minutes)")
@@ -921,49 +930,27 @@ def main() -> int:
         "--out-dir", type=Path, default=Path("bench-results"), help="JSON and MLflow store here"
     )
     args = parser.parse_args()
-    plan = QUICK if args.quick else FULL
+    mode = "quick" if args.quick else "full"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     command = shlex.join([sys.executable, *sys.argv])
-    failed = []
-    started_all = time.perf_counter()
+    started = time.perf_counter()
+    records = []
     with tempfile.TemporaryDirectory(prefix="tvkd-bench-") as scratch:
-        bench = Bench(plan, args.out_dir, Path(scratch))
+        bench = Bench(QUICK if args.quick else FULL, args.out_dir, Path(scratch))
         for name in args.suites:
-            print(f"\n=== {name} ({'quick' if args.quick else 'full'}) ===", flush=True)
-            started = datetime.datetime.now().astimezone()
-            clock = time.perf_counter()
-            record = {
-                "suite": name,
-                "mode": "quick" if args.quick else "full",
-                "command": command,
-                "plan": asdict(plan),
-                "machine": machine(),
-            }
-            try:
-                results, text = SUITE_FUNCTIONS[name](bench)
-                record["status"] = results.pop("status", "ok")
-                record["results"] = results
-                record["table"] = text
-                print(text, flush=True)
-            except Exception as exc:
-                traceback.print_exc()
-                record["status"] = "error"
-                record["error"] = f"{type(exc).__name__}: {exc}"
-                failed.append(name)
-            busy = max(record["machine"]["load_average_1_5_15"][0], os.getloadavg()[0])
-            if busy > BUSY_LOAD * (os.cpu_count() or 1):
-                record["warning"] = (
-                    f"load average reached {busy:.1f} on {os.cpu_count()} CPUs: other work shared "
-                    "the machine, so the timings of this suite are unreliable"
-                )
-                print(f"warning: {record['warning']}", flush=True)
-            record["started"] = started.isoformat(timespec="seconds")
-            record["finished"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-            record["wall_s"] = round(time.perf_counter() - clock, 1)
+            record = run_suite(name, bench, mode, command)
             path = args.out_dir / f"{name}.json"
             path.write_text(json.dumps(record, indent=1, default=str) + "\n")
             print(f"[{name}: {record['status']}, {record['wall_s']:.0f} s -> {path}]", flush=True)
-    print(f"\nall suites: {time.perf_counter() - started_all:.0f} s", flush=True)
+            records.append(record)
+    # The Ray runs stream their workers' logs to this output: the tables again, together.
+    print(f"\n=== summary ({mode}, {time.perf_counter() - started:.0f} s) ===")
+    for record in records:
+        print(f"\n--- {record['suite']}: {record['status']}")
+        print(record.get("table") or record.get("error", ""))
+        if "warning" in record:
+            print(f"warning: {record['warning']}")
+    failed = [r["suite"] for r in records if r["status"] == "error"]
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -38,19 +38,20 @@ def write_pairs(path: Path, n: int) -> None:
                                 "chosen": f" {a + b}", "rejected": f" {a + b + 1}"}) + "\n")
 
 
-def object_store_mib() -> tuple[float, float]:
+def object_store_mib(gcs_address: str) -> tuple[float, float]:
     """(in use, spilled) MiB across the cluster, from Ray's memory summary."""
     from ray._private.internal_api import memory_summary
 
-    text = memory_summary(stats_only=True)
+    text = memory_summary(address=gcs_address, stats_only=True)
     used = re.search(r"Plasma memory usage (\d+) MiB", text)
     spilled = re.search(r"Spilled (\d+) MiB", text)
     return (float(used.group(1)) if used else 0.0, float(spilled.group(1)) if spilled else 0.0)
 
 
 class Sampler(threading.Thread):
-    def __init__(self, every_s: float):
+    def __init__(self, every_s: float, gcs_address: str):
         super().__init__(daemon=True)
+        self.gcs_address = gcs_address
         self.every_s = every_s
         self.samples: list[dict] = []
         self.stop = threading.Event()
@@ -62,7 +63,7 @@ class Sampler(threading.Thread):
             row = {"t_s": round(time.time() - self.start_time, 1),
                    "driver_rss_mib": me.memory_info().rss / 2**20}
             try:
-                row["object_store_mib"], row["spilled_mib"] = object_store_mib()
+                row["object_store_mib"], row["spilled_mib"] = object_store_mib(self.gcs_address)
             except Exception as exc:  # Ray not up yet, or shutting down
                 row["error"] = type(exc).__name__
             self.samples.append(row)
@@ -96,7 +97,7 @@ def main() -> int:
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": "1048576",
                                        "TOKENIZERS_PARALLELISM": "false"}})
-    sampler = Sampler(args.every_s)
+    sampler = Sampler(args.every_s, ray.get_runtime_context().gcs_address)
     sampler.start()
     start = time.time()
     result = tvkd_ray.fit(cfg)
