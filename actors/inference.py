@@ -3,6 +3,8 @@ response-only forward of ``tvkd_ray.forward`` on tokenised pair batches."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -43,7 +45,6 @@ class FrozenModel:
         self.model = self.load(model, trust_remote_code)
         self.pad_id = load_tokenizer(model).pad_token_id
         self.batches = 0
-        self.tokens = 0
 
     def load(self, name: str, trust_remote_code: bool):
         """Load a frozen model with this actor's placement."""
@@ -60,14 +61,19 @@ class FrozenModel:
         maybe_crash(self.role, self.batches)
         batch = collate(table.select(["prompt_ids", "chosen_ids", "rejected_ids"]), self.pad_id)
         device = self.model.get_input_embeddings().weight.device
-        batch = {k: v.to(device) for k, v in batch.items()}
-        self.tokens += int(batch["attention_mask"].sum())
-        return batch
+        return {k: v.to(device) for k, v in batch.items()}
 
     def hidden(self, model, batch) -> torch.Tensor:
         return response_hidden(
             model, batch["input_ids"], batch["attention_mask"], batch["response_mask"]
         )
+
+
+def with_timing(out: pa.Table, column: str, started: float) -> pa.Table:
+    """Add this actor's compute seconds per pair, so the trainer can log the pool's tokens/s
+    (4 bytes a pair)."""
+    seconds = (time.perf_counter() - started) / max(out.num_rows, 1)
+    return out.append_column(column, pa.array(np.full(out.num_rows, seconds, dtype=np.float32)))
 
 
 def split_rows(values: np.ndarray, response_mask: torch.Tensor, num_pairs: int):

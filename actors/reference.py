@@ -4,10 +4,12 @@ Works as a Ray Data callable class and as a plain actor, like the teacher."""
 
 from __future__ import annotations
 
+import time
+
 import pyarrow as pa
 import torch
 
-from actors.inference import FrozenModel
+from actors.inference import FrozenModel, with_timing
 from tvkd_ray.forward import lm_head_params, row_sums
 from tvkd_ray.potentials import token_logps_from_hidden
 
@@ -17,6 +19,7 @@ class ReferenceLogps(FrozenModel):
 
     @torch.inference_mode()
     def __call__(self, table: pa.Table) -> pa.Table:
+        started = time.perf_counter()
         batch = self.forward_batch(table)
         mask = batch["response_mask"]
         hidden = self.hidden(self.model, batch)
@@ -25,4 +28,5 @@ class ReferenceLogps(FrozenModel):
         sums = row_sums(logps.double(), mask).float().cpu().numpy()
         n = table.num_rows
         out = table.append_column("ref_chosen_logps", pa.array(sums[:n]))
-        return out.append_column("ref_rejected_logps", pa.array(sums[n:]))
+        out = out.append_column("ref_rejected_logps", pa.array(sums[n:]))
+        return with_timing(out, "reference_s", started)

@@ -8,11 +8,13 @@ log-probs when KD is on), as Arrow list columns that travel zero-copy through th
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pyarrow as pa
 import torch
 
-from actors.inference import FrozenModel, split_rows
+from actors.inference import FrozenModel, split_rows, with_timing
 from tvkd_ray.forward import lm_head_params
 from tvkd_ray.potentials import (
     implicit_reward_potentials,
@@ -60,6 +62,7 @@ class TeacherPotentials(FrozenModel):
 
     @torch.inference_mode()
     def __call__(self, table: pa.Table) -> pa.Table:
+        started = time.perf_counter()
         batch = self.forward_batch(table)
         mask = batch["response_mask"]
         hidden = self.hidden(self.model, batch)
@@ -87,7 +90,7 @@ class TeacherPotentials(FrozenModel):
                 "chosen_topk_logps",
                 pa.ListArray.from_arrays(offsets, pa.array(logps.float().cpu().numpy().ravel())),
             )
-        return out
+        return with_timing(out, "teacher_s", started)
 
     def _implicit_reward(self, batch, hidden, weight, bias) -> torch.Tensor:
         """β_T · Σ_{k<t} [log π_T − log π_Tref] over each row's response tokens, flattened."""

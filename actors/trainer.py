@@ -36,7 +36,23 @@ from tvkd_ray.tracking import RunLogger
 
 STATE_FILE = "trainer_state.json"
 # Metrics that are sums over the step (not means over pairs) when aggregated across workers.
-_COUNTS = ("pairs", "tokens", "response_tokens", "payload_bytes", "wait_s")
+_COUNTS = (
+    "pairs",
+    "tokens",
+    "response_tokens",
+    "payload_bytes",
+    "wait_s",
+    "teacher_s",
+    "reference_s",
+)
+# What the teacher sends the trainers: potentials, top-k for KD, its timing column.
+_TEACHER_COLUMNS = (
+    "chosen_potentials",
+    "rejected_potentials",
+    "chosen_topk_ids",
+    "chosen_topk_logps",
+    "teacher_s",
+)
 
 
 class _Worker:
@@ -123,10 +139,11 @@ class StudentStep:
         if potentials is not None:
             potentials = potentials.to(self.device)
             sums["payload_bytes"] = sum(
-                table.column(c).nbytes
-                for c in ("chosen_potentials", "rejected_potentials")
-                if c in table.column_names
+                table.column(c).nbytes for c in _TEACHER_COLUMNS if c in table.column_names
             )
+        for timing in ("teacher_s", "reference_s"):
+            if timing in table.column_names:
+                sums[timing] = float(pc.sum(table.column(timing)).as_py())
         ref = batch["ref_logps"].to(self.device)
         out = tvkd_loss(
             seq_logps[:n_pairs],
@@ -467,8 +484,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             seen_dir.mkdir(parents=True, exist_ok=True)
             np.save(seen_dir / f"epoch{state['epoch']}.npy", ids)
             logger.log_metrics(
-                {"data/pairs_trained_epoch": float(len(ids)),
-                 "data/skipped_nonfinite_epoch": nonfinite},
+                {
+                    "data/pairs_trained_epoch": float(len(ids)),
+                    "data/skipped_nonfinite_epoch": nonfinite,
+                },
                 state["step"],
             )
         if not done:
@@ -509,6 +528,10 @@ def _window_metrics(worker: _Worker, window: dict, scheduler, state: dict) -> di
             "timing_s/wait_teacher": total.get("wait_s", 0.0) / worker.world / steps,
         }
     )
+    for pool in ("teacher", "reference"):
+        if total.get(f"{pool}_s"):
+            # Per actor: the tokens one actor scores per second of its own compute.
+            metrics[f"perf/{pool}_tokens_per_s"] = total.get("tokens", 0.0) / total[f"{pool}_s"]
     if total.get("payload_bytes"):
         metrics["perf/teacher_bytes_per_token"] = total["payload_bytes"] / max(
             total.get("response_tokens", 1.0), 1.0
@@ -518,8 +541,13 @@ def _window_metrics(worker: _Worker, window: dict, scheduler, state: dict) -> di
 
 def _progress_line(step: int, total: int, metrics: dict[str, float]) -> str:
     """One compact line per report for whoever watches the driver's output."""
-    shown = [("loss", "loss"), ("acc", "rewards/accuracies"), ("margin", "rewards/margins"),
-             ("eval_acc", "eval/rewards/accuracies"), ("tok/s", "perf/tokens_per_s")]
+    shown = [
+        ("loss", "loss"),
+        ("acc", "rewards/accuracies"),
+        ("margin", "rewards/margins"),
+        ("eval_acc", "eval/rewards/accuracies"),
+        ("tok/s", "perf/tokens_per_s"),
+    ]
     parts = [f"{name} {metrics[key]:.4g}" for name, key in shown if key in metrics]
     return f"[tvkd] step {step}/{total}  " + "  ".join(parts)
 

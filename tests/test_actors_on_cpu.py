@@ -155,7 +155,9 @@ def test_soft_value_potentials_equal_direct_unpadded_computation(
     expected = direct_columns(
         table, lambda p, r: direct_soft_value(teacher_model, p, r, **settings)
     )
-    assert out.column_names == [*table.column_names, "chosen_potentials", "rejected_potentials"]
+    added = ["chosen_potentials", "rejected_potentials", "teacher_s"]
+    assert out.column_names == [*table.column_names, *added]
+    assert (out.column("teacher_s").to_numpy() > 0).all()  # compute seconds per pair
     assert out.schema.field("chosen_potentials").type == pa.list_(pa.float32())
     assert out.select(table.column_names).equals(table)
     for side in ("chosen", "rejected"):
@@ -254,4 +256,5 @@ def test_same_classes_work_as_plain_ray_actors(ray_cluster, table, teacher_path)
     local_reference = ReferenceLogps(student)(table)
     for remote, local in ((remote_teacher, local_teacher), (remote_reference, local_reference)):
         assert remote.schema == local.schema
-        assert remote.equals(local)
+        values = [c for c in local.column_names if c not in ("teacher_s", "reference_s")]
+        assert remote.select(values).equals(local.select(values))  # timings differ, values not

@@ -235,6 +235,12 @@ class LossConfig:
             "loss.label_smoothing",
             f"must be in [0, 0.5), got {self.label_smoothing}",
         )
+        _require(
+            not (self.potential_normalize and self.q_scale == self.tau),
+            "loss.q_scale",
+            "equal to loss.tau with loss.potential_normalize makes every soft_value potential 0 "
+            "(TVKD would be plain DPO); change one of them",
+        )
         _require(self.bc_weight >= 0, "loss.bc_weight", "must be >= 0")
         _require(self.kd_weight >= 0, "loss.kd_weight", "must be >= 0")
 

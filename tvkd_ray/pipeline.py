@@ -185,15 +185,17 @@ def _fingerprint_parts(cfg: TVKDConfig, paths: ModelPaths, table: pa.Table) -> d
     mismatch can say which part changed."""
 
     def model_id(path: str | None) -> str:
+        # By content, not modification time: every run rebuilds its student_init (the default
+        # reference), and the cache must survive that.
         if path is None:
             return "none"
         h = hashlib.sha256()
         for f in sorted(Path(path).glob("*")):
-            if f.suffix in (".json", ".safetensors", ".txt", ".model"):
-                stat = f.stat()
-                h.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-                if f.suffix == ".json":
-                    h.update(f.read_bytes())
+            if f.suffix in (".json", ".safetensors", ".txt", ".model", ".jinja"):
+                h.update(f.name.encode())
+                with open(f, "rb") as fh:
+                    while chunk := fh.read(16 * 2**20):
+                        h.update(chunk)
         return h.hexdigest()[:16]
 
     sink = pa.BufferOutputStream()

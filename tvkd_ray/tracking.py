@@ -139,8 +139,9 @@ class RunLogger:
             self._failures += 1
             logger.warning("MLflow %s failed (training goes on): %s", what, exc)
             if self._failures >= self.MAX_FAILURES:
-                logger.warning("MLflow failed %d times in a row: logging is off for this run",
-                               self._failures)
+                logger.warning(
+                    "MLflow failed %d times in a row: logging is off for this run", self._failures
+                )
                 self._client = None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
