@@ -34,8 +34,16 @@ def write_pairs(path: Path, n: int) -> None:
     with open(path, "w") as f:
         for i in range(n):
             a, b = i % 97 + 1, i // 97 + 1
-            f.write(json.dumps({"prompt": f"User: add {a} and {b}.\nAssistant:",
-                                "chosen": f" {a + b}", "rejected": f" {a + b + 1}"}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": f"User: add {a} and {b}.\nAssistant:",
+                        "chosen": f" {a + b}",
+                        "rejected": f" {a + b + 1}",
+                    }
+                )
+                + "\n"
+            )
 
 
 def object_store_mib(gcs_address: str) -> tuple[float, float]:
@@ -60,8 +68,10 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         me = psutil.Process()
         while not self.stop.is_set():
-            row = {"t_s": round(time.time() - self.start_time, 1),
-                   "driver_rss_mib": me.memory_info().rss / 2**20}
+            row = {
+                "t_s": round(time.time() - self.start_time, 1),
+                "driver_rss_mib": me.memory_info().rss / 2**20,
+            }
             try:
                 row["object_store_mib"], row["spilled_mib"] = object_store_mib(self.gcs_address)
             except Exception as exc:  # Ray not up yet, or shutting down
@@ -88,15 +98,36 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="tvkd-load-"))
     data = work / "pairs.jsonl"
     write_pairs(data, args.pairs)
-    cfg = load_config(REPO / "examples" / "tiny.yaml", [
-        f"run.output_dir={work}", "run.name=load", f"data.train_path={data}",
-        "data.eval_path=null", "teacher.cache=none", "teacher.batch_size=64",
-        "reference.batch_size=64", "train.batch_size=64", f"train.epochs={args.epochs}",
-        "train.max_steps=null", "train.save_every=0", "train.log_every=10",
-    ])
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": "1048576",
-                                       "TOKENIZERS_PARALLELISM": "false"}})
+    cfg = load_config(
+        REPO / "examples" / "tiny.yaml",
+        [
+            f"run.output_dir={work}",
+            "run.name=load",
+            f"data.train_path={data}",
+            "data.eval_path=null",
+            "teacher.cache=none",
+            "teacher.batch_size=64",
+            "reference.batch_size=64",
+            "train.batch_size=64",
+            f"train.epochs={args.epochs}",
+            "train.max_steps=null",
+            "train.save_every=0",
+            "train.log_every=10",
+        ],
+    )
+    ray.init(
+        address="local",
+        num_cpus=8,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={
+            "env_vars": {
+                "HF_HUB_OFFLINE": "1",
+                "MALLOC_MMAP_THRESHOLD_": "1048576",
+                "TOKENIZERS_PARALLELISM": "false",
+            }
+        },
+    )
     sampler = Sampler(args.every_s, ray.get_runtime_context().gcs_address)
     sampler.start()
     start = time.time()
@@ -110,22 +141,34 @@ def main() -> int:
     for epoch in range(args.epochs):
         ids = np.load(Path(result.run_dir) / "pairs_seen" / f"epoch{epoch}.npy")
         counts = np.bincount(ids, minlength=args.pairs)
-        per_epoch.append({"epoch": epoch, "pairs_trained": int(len(ids)),
-                          "lost": int((counts == 0).sum()), "duplicated": int((counts > 1).sum())})
+        per_epoch.append(
+            {
+                "epoch": epoch,
+                "pairs_trained": int(len(ids)),
+                "lost": int((counts == 0).sum()),
+                "duplicated": int((counts > 1).sum()),
+            }
+        )
     import mlflow
 
     history = mlflow.MlflowClient(result.tracking_uri).get_metric_history(
-        result.mlflow_run_id, "perf/pairs_per_s")
+        result.mlflow_run_id, "perf/pairs_per_s"
+    )
     samples = [s for s in sampler.samples if "error" not in s]
     rss = [s["driver_rss_mib"] for s in samples]
     half = len(rss) // 2
     report = {
-        "command": " ".join(sys.argv), "pairs": args.pairs, "epochs": args.epochs,
-        "wall_s": round(wall, 1), "pairs_per_s_overall": round(args.pairs * args.epochs / wall, 1),
+        "command": " ".join(sys.argv),
+        "pairs": args.pairs,
+        "epochs": args.epochs,
+        "wall_s": round(wall, 1),
+        "pairs_per_s_overall": round(args.pairs * args.epochs / wall, 1),
         "pairs_per_s_by_step": [(m.step, round(m.value, 1)) for m in history],
         "epochs_audit": per_epoch,
-        "driver_rss_mib": {"first_half_max": max(rss[:half] or [0]),
-                           "second_half_max": max(rss[half:] or [0])},
+        "driver_rss_mib": {
+            "first_half_max": max(rss[:half] or [0]),
+            "second_half_max": max(rss[half:] or [0]),
+        },
         "object_store_mib_max": max((s["object_store_mib"] for s in samples), default=0.0),
         "spilled_mib_max": max((s["spilled_mib"] for s in samples), default=0.0),
         "samples": sampler.samples,
@@ -133,13 +176,19 @@ def main() -> int:
     (out_dir / "load_test.json").write_text(json.dumps(report, indent=1))
     print(f"{'t_s':>7} {'driver RSS MiB':>15} {'object store MiB':>17} {'spilled MiB':>12}")
     for s in samples[:: max(1, len(samples) // 25)]:
-        print(f"{s['t_s']:>7} {s['driver_rss_mib']:>15.0f} {s['object_store_mib']:>17.0f} "
-              f"{s['spilled_mib']:>12.0f}")
+        print(
+            f"{s['t_s']:>7} {s['driver_rss_mib']:>15.0f} {s['object_store_mib']:>17.0f} "
+            f"{s['spilled_mib']:>12.0f}"
+        )
     for row in per_epoch:
-        print(f"epoch {row['epoch']}: trained {row['pairs_trained']} pairs, lost {row['lost']}, "
-              f"duplicated {row['duplicated']}")
-    print(f"wall {wall:.0f}s, {report['pairs_per_s_overall']} pairs/s overall; "
-          f"JSON: {out_dir / 'load_test.json'}")
+        print(
+            f"epoch {row['epoch']}: trained {row['pairs_trained']} pairs, lost {row['lost']}, "
+            f"duplicated {row['duplicated']}"
+        )
+    print(
+        f"wall {wall:.0f}s, {report['pairs_per_s_overall']} pairs/s overall; "
+        f"JSON: {out_dir / 'load_test.json'}"
+    )
     ok = all(r["lost"] == 0 and r["duplicated"] == 0 for r in per_epoch)
     return 0 if ok else 1
 

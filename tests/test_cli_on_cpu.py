@@ -24,7 +24,11 @@ def _run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TVKD_FAULT_FILE")}
     return subprocess.run(
         [sys.executable, str(REPO / "jobs" / "tvkd.py"), *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -66,11 +70,25 @@ def _catalogue(tmp: Path) -> list[tuple[list[str], str]]:
     hh = tmp / "hh.jsonl"
     hh.write_text(json.dumps({"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: yo"}) + "\n")
     conv = tmp / "conv.jsonl"
-    conv.write_text(json.dumps({"chosen": [{"role": "user", "content": "hi"}],
-                                "rejected": [{"role": "user", "content": "yo"}]}) + "\n")
+    conv.write_text(
+        json.dumps(
+            {
+                "chosen": [{"role": "user", "content": "hi"}],
+                "rejected": [{"role": "user", "content": "yo"}],
+            }
+        )
+        + "\n"
+    )
     with gzip.open(tmp / "ok_hh.jsonl.gz", "wt") as f:
-        f.write(json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: hello",
-                            "rejected": "\n\nHuman: hi\n\nAssistant: go away"}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "chosen": "\n\nHuman: hi\n\nAssistant: hello",
+                    "rejected": "\n\nHuman: hi\n\nAssistant: go away",
+                }
+            )
+            + "\n"
+        )
     cases = [
         (["--loss.alpah", "0.1"], "unknown config key 'loss.alpah' (did you mean 'loss.alpha'?)"),
         (["--train.batch_size", "four"], "train.batch_size: expected int"),
@@ -83,16 +101,31 @@ def _catalogue(tmp: Path) -> list[tuple[list[str], str]]:
         (["--student.model", str(tmp / "no-such-model")], "no-such-model"),
         (["--teacher.model", "smollm2-135m-instruct"], "differ"),  # tokenizer mismatch
         (["--data.train_path", str(tmp / "missing.jsonl")], "missing.jsonl"),
-        (["--data.train_path", _pairs(tmp / "missing_field.jsonl",
-                                      [GOOD, {"prompt": "x", "chosen": "y"}])],
-         "line 2, field 'rejected'"),
-        (["--data.train_path", _pairs(tmp / "wrong_type.jsonl",
-                                      [{**GOOD, "chosen": 5}])], "line 1, field 'chosen'"),
-        (["--data.train_path", _pairs(tmp / "empty_resp.jsonl",
-                                      [GOOD, {**GOOD, "rejected": "   "}])],
-         "line 2, field 'rejected'"),
-        (["--data.train_path", _pairs(tmp / "same.jsonl",
-                                      [{**GOOD, "rejected": GOOD["chosen"]}])], "line 1"),
+        (
+            [
+                "--data.train_path",
+                _pairs(tmp / "missing_field.jsonl", [GOOD, {"prompt": "x", "chosen": "y"}]),
+            ],
+            "line 2, field 'rejected'",
+        ),
+        (
+            ["--data.train_path", _pairs(tmp / "wrong_type.jsonl", [{**GOOD, "chosen": 5}])],
+            "line 1, field 'chosen'",
+        ),
+        (
+            [
+                "--data.train_path",
+                _pairs(tmp / "empty_resp.jsonl", [GOOD, {**GOOD, "rejected": "   "}]),
+            ],
+            "line 2, field 'rejected'",
+        ),
+        (
+            [
+                "--data.train_path",
+                _pairs(tmp / "same.jsonl", [{**GOOD, "rejected": GOOD["chosen"]}]),
+            ],
+            "line 1",
+        ),
         (["--data.train_path", str(bad_json)], "line 2"),
         (["--data.train_path", str(bad_gz)], "bad.jsonl.gz"),
         (["--data.train_path", str(latin)], "line 2"),
@@ -108,8 +141,15 @@ def test_bad_input_catalogue_one_line_no_traceback(tmp_path):
     failures = []
     for extra, expected in _catalogue(tmp_path):
         out = tmp_path / "out"
-        proc = _run("--config", str(TINY), "--run.output_dir", str(out), "--tracking.enabled",
-                    "false", *extra)
+        proc = _run(
+            "--config",
+            str(TINY),
+            "--run.output_dir",
+            str(out),
+            "--tracking.enabled",
+            "false",
+            *extra,
+        )
         lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
         problem = None
         if proc.returncode != 2:

@@ -75,11 +75,13 @@ def test_nonfinite_teacher_potentials_are_named_or_skipped(nan_teacher):
 
 
 def test_nonfinite_reference_logps_are_caught_too():
-    table = pa.table({
-        "pair_id": pa.array([7, 8], pa.int64()),
-        "ref_chosen_logps": pa.array([-3.0, float("-inf")], pa.float32()),
-        "ref_rejected_logps": pa.array([-4.0, -2.0], pa.float32()),
-    })
+    table = pa.table(
+        {
+            "pair_id": pa.array([7, 8], pa.int64()),
+            "ref_chosen_logps": pa.array([-3.0, float("-inf")], pa.float32()),
+            "ref_rejected_logps": pa.array([-4.0, -2.0], pa.float32()),
+        }
+    )
     with pytest.raises(DataError, match="pair_id 8;"):
         drop_nonfinite(table, "error")
     kept, dropped = drop_nonfinite(table, "skip")
@@ -88,8 +90,14 @@ def test_nonfinite_reference_logps_are_caught_too():
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TVKD_FAULT_FILE")}
-    return subprocess.run([sys.executable, str(REPO / "jobs" / "tvkd.py"), *args], env=env,
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "tvkd.py"), *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _free_port() -> int:
@@ -112,8 +120,16 @@ def test_unreachable_tracking_server_fails_before_model_work(tmp_path):
 
 def test_more_gpus_than_the_cluster_has_is_a_clear_error_not_a_hang(tmp_path):
     start = time.time()
-    proc = _cli("--config", str(TINY), "--run.output_dir", str(tmp_path),
-                "--tracking.enabled", "false", "--teacher.num_gpus_per_actor", "1")
+    proc = _cli(
+        "--config",
+        str(TINY),
+        "--run.output_dir",
+        str(tmp_path),
+        "--tracking.enabled",
+        "false",
+        "--teacher.num_gpus_per_actor",
+        "1",
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "GPU" in errors[0] and "teacher pool 1" in errors[0], errors
@@ -129,9 +145,21 @@ def test_tracking_server_dying_mid_run_only_warns(ray_cluster, tmp_path):
     store = tmp_path / "mlflow.db"
     bin_dir = Path(sys.executable).parent
     server = subprocess.Popen(
-        [str(bin_dir / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{store}",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            str(bin_dir / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{store}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         deadline = time.time() + 120
@@ -141,9 +169,17 @@ def test_tracking_server_dying_mid_run_only_warns(ray_cluster, tmp_path):
                 break
             except OSError:
                 time.sleep(1)
-        cfg = load_config(TINY, [f"run.output_dir={tmp_path / 'out'}", "run.name=flaky",
-                                 f"tracking.uri=http://127.0.0.1:{port}", "train.max_steps=4",
-                                 "train.save_every=2", "data.eval_path=null"])
+        cfg = load_config(
+            TINY,
+            [
+                f"run.output_dir={tmp_path / 'out'}",
+                "run.name=flaky",
+                f"tracking.uri=http://127.0.0.1:{port}",
+                "train.max_steps=4",
+                "train.save_every=2",
+                "data.eval_path=null",
+            ],
+        )
         id_file = cfg.run_dir / "mlflow_run_id"
 
         def kill_when_run_opens():

@@ -9,8 +9,13 @@ from tvkd_ray.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = [p for d in ("tvkd_ray", "actors", "jobs", "examples") for p in (REPO / d).rglob("*.py")]
-DOCS_AND_SCRIPTS = [REPO / "README.md", REPO / "Makefile", *(REPO / "docs").glob("*.md"),
-                    *(REPO / "examples").glob("*.yaml"), *SOURCES]
+DOCS_AND_SCRIPTS = [
+    REPO / "README.md",
+    REPO / "Makefile",
+    *(REPO / "docs").glob("*.md"),
+    *(REPO / "examples").glob("*.yaml"),
+    *SOURCES,
+]
 
 
 def test_trust_remote_code_is_off_unless_configured():

@@ -77,8 +77,8 @@ def _client(uri: str) -> mlflow.MlflowClient:
 @pytest.mark.faults
 def test_fit_api_two_workers_survives_a_dead_worker(ray_cluster, arm_fault, tmp_path):
     """fit() through the API: 2 Ray Train workers, a teacher pool, a worker killed after the
-    step-5 update; the run recovers from its last checkpoint, trains every pair exactly once per epoch, logs the
-    SPEC §2.5 metrics to one MLflow run and saves a loadable model."""
+    step-5 update; the run recovers from its last checkpoint, trains every pair exactly once per
+    epoch, logs the SPEC §2.5 metrics to one MLflow run and saves a loadable model."""
     import tvkd_ray
 
     train = _write_pairs(tmp_path / "train.jsonl", 40)

@@ -250,6 +250,28 @@ def _cached(cfg: TVKDConfig, split: str, parts: dict[str, str], build) -> ray.da
     return ray.data.read_parquet(str(target / "data"))
 
 
+def _actor_pool(cfg: TVKDConfig, ds, actor_class, args: dict, pool) -> ray.data.Dataset:
+    """``ds`` through a fixed-size pool of ``actor_class`` with the pool's resources; dead actors
+    are restarted (``teacher.max_restarts``) and their batches retried."""
+    return ds.map_batches(
+        actor_class,
+        fn_constructor_kwargs={
+            **args,
+            "num_gpus": pool.num_gpus_per_actor,
+            "num_threads": max(1, int(pool.num_cpus_per_actor)),
+            "trust_remote_code": cfg.student.trust_remote_code,
+        },
+        batch_size=pool.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=pool.num_actors),
+        num_cpus=pool.num_cpus_per_actor,
+        num_gpus=pool.num_gpus_per_actor,
+        max_restarts=cfg.teacher.max_restarts,
+        max_task_retries=-1,
+        udf_modifying_row_count=False,
+    )
+
+
 def _scored(cfg: TVKDConfig, paths: ModelPaths, table: pa.Table) -> ray.data.Dataset:
     """The lazy plan: tokenise, then teacher potentials, then reference log-probs."""
     ds = tokenize_dataset(
@@ -263,51 +285,21 @@ def _scored(cfg: TVKDConfig, paths: ModelPaths, table: pa.Table) -> ray.data.Dat
     )
     if cfg.uses_teacher:
         t = cfg.teacher
-        ds = ds.map_batches(
-            TeacherPotentials,
-            fn_constructor_kwargs={
-                "model": paths.teacher,
-                "potential": cfg.loss.potential,
-                "tau": cfg.loss.tau,
-                "q_scale": cfg.loss.q_scale,
-                "normalize": cfg.loss.potential_normalize,
-                "ref_model": paths.teacher_ref,
-                "beta": t.beta,
-                "top_k": t.top_k if cfg.loss.kd_weight > 0 else 0,
-                "dtype": t.dtype,
-                "num_gpus": t.num_gpus_per_actor,
-                "num_threads": max(1, int(t.num_cpus_per_actor)),
-                "trust_remote_code": cfg.student.trust_remote_code,
-            },
-            batch_size=t.batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=t.num_actors),
-            num_cpus=t.num_cpus_per_actor,
-            num_gpus=t.num_gpus_per_actor,
-            max_restarts=t.max_restarts,
-            max_task_retries=-1,
-            udf_modifying_row_count=False,
-        )
+        teacher_args = {
+            "model": paths.teacher,
+            "potential": cfg.loss.potential,
+            "tau": cfg.loss.tau,
+            "q_scale": cfg.loss.q_scale,
+            "normalize": cfg.loss.potential_normalize,
+            "ref_model": paths.teacher_ref,
+            "beta": t.beta,
+            "top_k": t.top_k if cfg.loss.kd_weight > 0 else 0,
+            "dtype": t.dtype,
+        }
+        ds = _actor_pool(cfg, ds, TeacherPotentials, teacher_args, t)
     if cfg.run.stage != "sft":
-        r = cfg.reference
-        ds = ds.map_batches(
-            ReferenceLogps,
-            fn_constructor_kwargs={
-                "model": paths.reference,
-                "dtype": cfg.student.dtype,
-                "num_gpus": r.num_gpus_per_actor,
-                "num_threads": max(1, int(r.num_cpus_per_actor)),
-                "trust_remote_code": cfg.student.trust_remote_code,
-            },
-            batch_size=r.batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=r.num_actors),
-            num_cpus=r.num_cpus_per_actor,
-            num_gpus=r.num_gpus_per_actor,
-            max_restarts=cfg.teacher.max_restarts,
-            max_task_retries=-1,
-            udf_modifying_row_count=False,
-        )
+        reference_args = {"model": paths.reference, "dtype": cfg.student.dtype}
+        ds = _actor_pool(cfg, ds, ReferenceLogps, reference_args, cfg.reference)
     return ds
 
 
