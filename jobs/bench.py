@@ -20,7 +20,8 @@ Tokens are counted as the trainer counts them: non-pad tokens of the 2B-row (cho
 batches. Steady state drops the first steps (start-up, lazy allocations) and takes medians of
 per-step rates. Each suite prints a table and writes ``<out-dir>/<suite>.json`` with the figures,
 settings, machine, versions, command and timestamps; the MLflow runs go to
-``<out-dir>/mlflow.db``. ``--quick`` takes a few minutes on 2 cores, the full mode ~20-30 min.
+``<out-dir>/mlflow.db``. ``--quick`` takes ~15 min on 2 busy cores (each of its four Ray runs
+spends about a minute starting and stopping), the full mode ~20-30 min on quiet ones.
 """
 
 from __future__ import annotations
@@ -675,7 +676,8 @@ def trl_dpo(bench: Bench) -> dict:
 
     torch.set_num_threads(THREADS)
     cfg = bench.config("trl", [])
-    pairs = bench.pairs()
+    # Only the pairs it trains on: TRL precomputes reference log-probs for the whole dataset.
+    pairs = bench.pairs().slice(0, bench.plan.steps * BATCH_PAIRS)
     dataset = Dataset.from_dict(
         {k: pairs.column(k).to_pylist() for k in ("prompt", "chosen", "rejected")}
     )

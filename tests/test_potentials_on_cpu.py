@@ -192,9 +192,10 @@ def test_implicit_reward_potentials_left_padding_equals_right_padding():
 
 
 # Prints the peak RSS growth in KiB of each path, one "name kib" line each. Clearing the
-# kernel's high-water mark before a path makes ru_maxrss measure that path alone.
+# kernel's high-water mark (VmHWM) before a path makes it measure that path alone; ru_maxrss
+# would not do, as clear_refs does not reset it and earlier peaks (the logits) hide later ones.
 _MEMORY_PROBE = """
-import resource, torch
+import torch
 from tvkd_ray.potentials import (
     soft_value, soft_value_from_hidden, token_logps, token_logps_from_hidden,
     topk_logps_from_hidden)
@@ -217,13 +218,17 @@ paths = {
     "naive_token_logps": lambda n: torch.log_softmax(logits.view(-1, 32000)[:n], -1).gather(
         -1, ids[:n, None]),
 }
+def status_kib(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
 for name, run in paths.items():
     run(8)  # warm up kernels and thread pools
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = status_kib("VmRSS")
     run(2048)
-    print(name, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+    print(name, status_kib("VmHWM") - before)
 """
 
 # glibc's dynamic mmap threshold keeps freed chunk-sized blocks in a heap that torch's aligned
