@@ -29,4 +29,6 @@ lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 bench: install
+	# TRL is only needed to benchmark against it (the `bench` extra).
+	$(PY) -m pip install -q -c requirements.lock "torch==2.13.0" -e ".[bench]"
 	$(PY) jobs/bench.py --quick

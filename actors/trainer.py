@@ -383,12 +383,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         return np.concatenate([consumed, *parts])
 
     def report(metrics: dict[str, float], save: bool, log: bool = True) -> None:
-        """All workers call report; rank 0 attaches the checkpoint and logs to MLflow."""
+        """Rank 0 logs to MLflow; with ``save`` all workers report a checkpoint to Ray Train.
+
+        Only checkpoints go through ``ray.train.report``: Train V2's controller drains reports
+        every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), so a report every step would
+        cap training at one step per interval.
+        """
         if worker.rank == 0 and log:
             logger.log_metrics(metrics, state["step"])
             print(_progress_line(state["step"], loop_config["total_steps"], metrics), flush=True)
         if not save:
-            ray.train.report(metrics)
             return
         ids = epoch_ids()
         with tempfile.TemporaryDirectory() as tmp:

@@ -6,13 +6,11 @@ in seconds of real CLI subprocesses.
 
 import gzip
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from support import error_lines, run_cli
 
 from tvkd_ray.config import field_docs
 
@@ -20,20 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "tiny.yaml"
 
 
-def _run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TVKD_FAULT_FILE")}
-    return subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "tvkd.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 def test_help_lists_every_field_with_its_doc():
-    proc = _run("--help")
+    proc = run_cli("--help")
     assert proc.returncode == 0, proc.stderr
     for key, _typ, _default, help_text in field_docs():
         assert f"--{key}" in proc.stdout
@@ -41,7 +27,9 @@ def test_help_lists_every_field_with_its_doc():
 
 
 def test_print_config_is_the_resolved_yaml():
-    proc = _run("--config", str(TINY), "--loss.alpha", "0.25", "--train.lr=3e-4", "--print-config")
+    proc = run_cli(
+        "--config", str(TINY), "--loss.alpha", "0.25", "--train.lr=3e-4", "--print-config"
+    )
     assert proc.returncode == 0, proc.stderr
     tree = yaml.safe_load(proc.stdout)
     assert tree["loss"]["alpha"] == 0.25
@@ -141,7 +129,7 @@ def test_bad_input_catalogue_one_line_no_traceback(tmp_path):
     failures = []
     for extra, expected in _catalogue(tmp_path):
         out = tmp_path / "out"
-        proc = _run(
+        proc = run_cli(
             "--config",
             str(TINY),
             "--run.output_dir",
@@ -150,7 +138,7 @@ def test_bad_input_catalogue_one_line_no_traceback(tmp_path):
             "false",
             *extra,
         )
-        lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        lines = error_lines(proc)
         problem = None
         if proc.returncode != 2:
             problem = f"exit {proc.returncode}"

@@ -5,21 +5,17 @@ dead training worker and a SIGTERM'd driver (test_train_on_cpu), resources the c
 corrupted checkpoint, MLflow failures and non-finite teacher outputs (here).
 """
 
-import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from support import error_lines, free_port, mlflow_server, run_cli
 
 from actors.teacher import TeacherPotentials
 from actors.trainer import drop_nonfinite
@@ -88,31 +84,13 @@ def test_nonfinite_reference_logps_are_caught_too():
     assert dropped == 1 and kept.column("pair_id").to_pylist() == [7]
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TVKD_FAULT_FILE")}
-    return subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "tvkd.py"), *args],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_tracking_server_fails_before_model_work(tmp_path):
-    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     start = time.time()
-    proc = _cli("--config", str(TINY), "--run.output_dir", str(tmp_path), "--tracking.uri", uri)
+    proc = run_cli("--config", str(TINY), "--run.output_dir", str(tmp_path), "--tracking.uri", uri)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    errors = error_lines(proc)
     assert len(errors) == 1 and f"tracking.uri: MLflow server {uri} is unreachable" in errors[0]
     assert not (tmp_path / "tiny" / "student_init").exists()  # no model work happened
     assert time.time() - start < 60
@@ -120,7 +98,7 @@ def test_unreachable_tracking_server_fails_before_model_work(tmp_path):
 
 def test_more_gpus_than_the_cluster_has_is_a_clear_error_not_a_hang(tmp_path):
     start = time.time()
-    proc = _cli(
+    proc = run_cli(
         "--config",
         str(TINY),
         "--run.output_dir",
@@ -131,7 +109,7 @@ def test_more_gpus_than_the_cluster_has_is_a_clear_error_not_a_hang(tmp_path):
         "1",
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    errors = error_lines(proc)
     assert len(errors) == 1 and "GPU" in errors[0] and "teacher pool 1" in errors[0], errors
     assert "Traceback" not in proc.stderr
     assert time.time() - start < 60
@@ -141,40 +119,13 @@ def test_more_gpus_than_the_cluster_has_is_a_clear_error_not_a_hang(tmp_path):
 def test_tracking_server_dying_mid_run_only_warns(ray_cluster, tmp_path):
     import tvkd_ray
 
-    port = _free_port()
-    store = tmp_path / "mlflow.db"
-    bin_dir = Path(sys.executable).parent
-    server = subprocess.Popen(
-        [
-            str(bin_dir / "mlflow"),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{store}",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
-                break
-            except OSError:
-                time.sleep(1)
+    with mlflow_server(tmp_path / "mlflow.db") as (base, server):
         cfg = load_config(
             TINY,
             [
                 f"run.output_dir={tmp_path / 'out'}",
                 "run.name=flaky",
-                f"tracking.uri=http://127.0.0.1:{port}",
+                f"tracking.uri={base}",
                 "train.max_steps=4",
                 "train.save_every=2",
                 "data.eval_path=null",
@@ -191,12 +142,7 @@ def test_tracking_server_dying_mid_run_only_warns(ray_cluster, tmp_path):
         killer.start()
         result = tvkd_ray.fit(cfg)
         killer.join(timeout=30)
-    finally:
-        try:
-            os.killpg(server.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     assert server.poll() is not None, "the tracking server should have been killed mid-run"
     assert result.metrics["step"] == 4
     assert (Path(result.model_dir) / "model.safetensors").exists()
-    assert json.loads(json.dumps(result.mlflow_run_id)) == id_file.read_text()
+    assert result.mlflow_run_id == id_file.read_text()

@@ -16,6 +16,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+from support import CLI, clean_env
 
 from tvkd_ray.config import load_config
 
@@ -137,7 +138,7 @@ def test_fit_api_two_workers_survives_a_dead_worker(ray_cluster, arm_fault, tmp_
 
 def _cli(args: list[str], env: dict, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, str(REPO / "jobs" / "tvkd.py"), *args],
+        [sys.executable, str(CLI), *args],
         env=env,
         cwd=REPO,
         stdout=subprocess.PIPE,
@@ -166,9 +167,7 @@ def test_cli_stopped_by_sigterm_resumes_and_matches_uninterrupted(ray_cluster, t
     baseline = tvkd_ray.fit(load_config(TINY, [*common, "run.name=straight"]))
 
     marker = tmp_path / "hang-fired"
-    env = {**os.environ, "TVKD_FAULT": f"trainer:4:{marker}:hang"}
-    for private in ("TVKD_FAULT_FILE", "RAY_ADDRESS"):  # its own cluster, its own fault
-        env.pop(private, None)
+    env = clean_env(TVKD_FAULT=f"trainer:4:{marker}:hang")  # its own cluster, its own fault
     args = ["--config", str(TINY), *[f"--{o}" for o in common], "--run.name", "stopped"]
     first = _cli(args, env)
     deadline = time.time() + 400

@@ -1,0 +1,100 @@
+"""Helpers the end-to-end tests share: the CLI as a subprocess, free ports, waiting for servers,
+and a process group that is always stopped (never `ray stop`)."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = REPO / "jobs" / "tvkd.py"
+# Variables that tie a process to this test session's cluster, fault file or tracking store.
+SESSION_ONLY = ("RAY_ADDRESS", "TVKD_FAULT_FILE", "TVKD_FAULT", "MLFLOW_TRACKING_URI")
+
+
+def clean_env(**extra: str) -> dict:
+    """The environment for a process that must start its own cluster and store."""
+    env = {k: v for k, v in os.environ.items() if k not in SESSION_ONLY}
+    return {**env, **extra}
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python jobs/tvkd.py ARGS`` to completion."""
+    return subprocess.run(
+        [sys.executable, str(CLI), *args],
+        env=clean_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"{url} did not answer within {timeout:.0f}s")
+
+
+@contextmanager
+def process_group(args: list[str], env: dict, log: Path | None = None):
+    """Run ``args`` in a new process group; SIGTERM, then SIGKILL, the whole group on exit."""
+    out = open(log, "w") if log else subprocess.DEVNULL
+    try:
+        proc = subprocess.Popen(
+            args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO
+        )
+    finally:
+        if log:
+            out.close()
+    try:
+        yield proc
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=30)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+
+
+@contextmanager
+def mlflow_server(store: Path, log: Path | None = None):
+    """An MLflow tracking server on 127.0.0.1 over a sqlite store; yields its base URL."""
+    port = free_port()
+    args = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{store}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    with process_group(args, clean_env(), log) as proc:
+        base = f"http://127.0.0.1:{port}"
+        wait_http(f"{base}/health")
+        yield base, proc
