@@ -1,8 +1,8 @@
 """The Python API: ``tvkd_ray.fit(config, train_dataset=None, eval_dataset=None)``.
 
-Order of work, cheapest checks first: config validation, the MLflow store, the data (read and
-validated on the driver), the models and tokenizers, the cluster's resources; only then the
-teacher/reference actor pools and the Ray Train run.
+Order of work, cheapest checks first: config validation, the MLflow store, the tokenizers, every
+data row (read and validated on the driver); then Ray and the cluster's resources, the student's
+initial weights, the teacher/reference actor pools and the Ray Train run.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from tvkd_ray.errors import TVKDError
 
 logger = logging.getLogger(__name__)
 
-# Train V2 settings that make failures visible quickly on small clusters (SPEC §9).
+# Environment of every process in a cluster that fit() starts itself.
 _RAY_ENV = {
     "RAY_TRAIN_V2_ENABLED": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
