@@ -88,8 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         if flags["print_config"]:
             print(cfg.to_yaml(), end="")
             return 0
+        import ray.data
+
         from tvkd_ray.api import fit
 
+        # The CLI owns its process: per-step [tvkd] lines, not Ray Data's progress bars.
+        ray.data.DataContext.get_current().enable_progress_bars = False
         result = fit(cfg)
     except TVKDError as exc:
         if debug:
