@@ -11,7 +11,7 @@ import torch
 
 from actors.faults import maybe_crash
 from tvkd_ray.data import collate
-from tvkd_ray.forward import response_hidden
+from tvkd_ray.forward import lm_head_params, response_hidden
 from tvkd_ray.models import load_model, load_tokenizer
 
 
@@ -67,6 +67,11 @@ class FrozenModel:
         return response_hidden(
             model, batch["input_ids"], batch["attention_mask"], batch["response_mask"]
         )
+
+    def score(self, table: pa.Table):
+        """(batch, hidden states at response-predicting positions, LM-head weight and bias)."""
+        batch = self.forward_batch(table)
+        return (batch, self.hidden(self.model, batch), *lm_head_params(self.model))
 
 
 def with_timing(out: pa.Table, column: str, started: float) -> pa.Table:

@@ -10,7 +10,7 @@ import pyarrow as pa
 import torch
 
 from actors.inference import FrozenModel, with_timing
-from tvkd_ray.forward import lm_head_params, row_sums
+from tvkd_ray.forward import row_sums
 from tvkd_ray.potentials import token_logps_from_hidden
 
 
@@ -20,10 +20,8 @@ class ReferenceLogps(FrozenModel):
     @torch.inference_mode()
     def __call__(self, table: pa.Table) -> pa.Table:
         started = time.perf_counter()
-        batch = self.forward_batch(table)
+        batch, hidden, weight, bias = self.score(table)
         mask = batch["response_mask"]
-        hidden = self.hidden(self.model, batch)
-        weight, bias = lm_head_params(self.model)
         logps = token_logps_from_hidden(hidden, weight, batch["input_ids"][mask], bias)
         sums = row_sums(logps.double(), mask).float().cpu().numpy()
         n = table.num_rows

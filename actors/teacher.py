@@ -63,10 +63,8 @@ class TeacherPotentials(FrozenModel):
     @torch.inference_mode()
     def __call__(self, table: pa.Table) -> pa.Table:
         started = time.perf_counter()
-        batch = self.forward_batch(table)
+        batch, hidden, weight, bias = self.score(table)
         mask = batch["response_mask"]
-        hidden = self.hidden(self.model, batch)
-        weight, bias = lm_head_params(self.model)
         if self.potential == "soft_value":
             phi = soft_value_from_hidden(hidden, weight, bias, **self.soft_value_args)
         else:

@@ -89,6 +89,13 @@ def _to_table(batch) -> pa.Table:
     return batch if isinstance(batch, pa.Table) else pa.Table.from_pydict(batch)
 
 
+def _per_position(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Flat per-token values back at their ``[rows, positions]`` places (0 elsewhere)."""
+    out = torch.zeros(response_mask.shape, dtype=values.dtype, device=values.device)
+    out[response_mask] = values
+    return out
+
+
 class StudentStep:
     """Loss of one collated batch for the configured stage, plus its summed metrics."""
 
@@ -128,9 +135,7 @@ class StudentStep:
             "response_tokens": int(response_mask.sum()),
         }
         if cfg.run.stage == "sft":
-            per_token = torch.zeros(response_mask.shape, dtype=logps.dtype, device=logps.device)
-            per_token[response_mask] = logps
-            loss = bc_loss(per_token, chosen_mask)
+            loss = bc_loss(_per_position(logps, response_mask), chosen_mask)
             sums["loss"] = loss.item() * n_pairs
             sums["logps/chosen"] = seq_logps.detach().sum().item()
             return loss, sums, n_pairs
@@ -162,9 +167,8 @@ class StudentStep:
         )
         loss = out.loss
         if cfg.loss.bc_weight > 0:
-            per_token = torch.zeros(response_mask.shape, dtype=logps.dtype, device=logps.device)
-            per_token[response_mask] = logps
-            loss = loss + cfg.loss.bc_weight * bc_loss(per_token[:n_pairs], chosen_mask)
+            per_token = _per_position(logps, response_mask)[:n_pairs]
+            loss = loss + cfg.loss.bc_weight * bc_loss(per_token, chosen_mask)
         if topk_logps is not None:
             k = cfg.teacher.top_k
             teacher = np.concatenate(

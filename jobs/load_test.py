@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
+from tvkd_ray.api import RAY_ENV  # noqa: E402
 from tvkd_ray.config import load_config  # noqa: E402
 
 
@@ -120,13 +121,7 @@ def main() -> int:
         num_cpus=8,
         include_dashboard=False,
         log_to_driver=False,
-        runtime_env={
-            "env_vars": {
-                "HF_HUB_OFFLINE": "1",
-                "MALLOC_MMAP_THRESHOLD_": "1048576",
-                "TOKENIZERS_PARALLELISM": "false",
-            }
-        },
+        runtime_env={"env_vars": {**RAY_ENV, "HF_HUB_OFFLINE": "1"}},
     )
     sampler = Sampler(args.every_s, ray.get_runtime_context().gcs_address)
     sampler.start()

@@ -36,6 +36,8 @@ def ray_cluster(fault_file):
     already running on the machine; logical CPUs are over-committed so actor pools never starve)."""
     import ray
 
+    from tvkd_ray.api import RAY_ENV
+
     if ray.is_initialized():
         yield ray
         return
@@ -46,9 +48,8 @@ def ray_cluster(fault_file):
         log_to_driver=False,
         runtime_env={
             "env_vars": {
+                **RAY_ENV,  # what fit() gives the processes of a cluster it starts
                 "HF_HUB_OFFLINE": "1",
-                "TOKENIZERS_PARALLELISM": "false",
-                "MALLOC_MMAP_THRESHOLD_": "1048576",
                 "TVKD_FAULT_FILE": str(fault_file),
                 **{k: os.environ[k] for k in ("TVKD_CACHE_DIR",) if k in os.environ},
             }

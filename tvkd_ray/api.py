@@ -19,7 +19,7 @@ from tvkd_ray.errors import TVKDError
 logger = logging.getLogger(__name__)
 
 # Environment of every process in a cluster that fit() starts itself.
-_RAY_ENV = {
+RAY_ENV = {
     "RAY_TRAIN_V2_ENABLED": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
     "TOKENIZERS_PARALLELISM": "false",
@@ -57,11 +57,11 @@ def _ensure_ray(cfg: TVKDConfig) -> bool:
 
     if ray.is_initialized():
         return False
-    for key, value in _RAY_ENV.items():
+    for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
     passed = ("HF_HUB_OFFLINE", "TVKD_CACHE_DIR", "TVKD_FAULT", "TVKD_FAULT_FILE")
     env = {k: os.environ[k] for k in passed if k in os.environ}
-    runtime_env = {"env_vars": {**_RAY_ENV, **env}}
+    runtime_env = {"env_vars": {**RAY_ENV, **env}}
     if os.environ.get("RAY_ADDRESS"):
         # Under `ray job submit` (or an explicit address): attach; the job's runtime env rules.
         ray.init()
