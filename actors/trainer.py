@@ -416,7 +416,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model.train()
         return metrics
 
-    if state["step"] == 0 and eval_shard is not None:
+    if state["step"] == 0 and eval_shard is not None and cfg.train.eval_on_start:
         # Step-0 eval: where the student starts, so every curve has its baseline.
         initial = run_eval()
         if worker.rank == 0:

@@ -104,10 +104,10 @@ class Plan:
 
 
 QUICK = Plan(
-    steps=14,
-    warmup=4,
+    steps=10,
+    warmup=3,
     bare_rounds=1,
-    profile_batches=4,
+    profile_batches=3,
     memory_cases=((2048, 49152), (2048, 128256)),
     memory_repeats=1,
     payload_batches=2,

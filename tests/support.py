@@ -93,6 +93,9 @@ def mlflow_server(store: Path, log: Path | None = None):
         str(port),
         "--workers",
         "1",
+        # Its default, ./mlartifacts, would land in the directory the tests run from.
+        "--artifacts-destination",
+        str(store.parent / "mlartifacts"),
     ]
     with process_group(args, clean_env(), log) as proc:
         base = f"http://127.0.0.1:{port}"

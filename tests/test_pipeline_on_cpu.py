@@ -141,6 +141,15 @@ def test_teacher_cache_reuses_matching_parquet_and_recomputes_on_change(
     assert "TeacherPotentials" not in again.stats()
     assert second.equals(first)
 
+    # Another seed reshuffles the same pairs: it shares the entry, in its own order.
+    reseeded = make_config(f"teacher.cache={cache}", "run.seed=7")
+    data = pipeline.load_data(reseeded, pipeline.check_tokenizers(reseeded))
+    stream = pipeline.build_streams(reseeded, paths, data).train
+    assert len(plans) == 1 and list(cache.glob("train-*")) == [entry]
+    arrived = pa.concat_tables(stream.iter_batches(batch_size=8, batch_format="pyarrow"))
+    assert arrived["pair_id"].to_pylist() == data.train["pair_id"].to_pylist()
+    assert arrived.sort_by("pair_id").equals(first)
+
     changed = make_config(f"teacher.cache={cache}", "loss.tau=2.0")
     with caplog.at_level(logging.INFO, logger=pipeline.logger.name):
         build_streams(changed, paths)

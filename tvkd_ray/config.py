@@ -263,6 +263,9 @@ class TrainConfig:
     log_every: int = _field(1, "Report metrics every this many steps.")
     save_every: int = _field(0, "Checkpoint every this many steps (0: only at the end).")
     eval_every: int = _field(0, "Evaluate every this many steps (0: only at the end).")
+    eval_on_start: bool = _field(
+        True, "Evaluate before the first step too, so every eval curve starts at the baseline."
+    )
     max_failures: int = _field(0, "Worker failures Ray Train recovers from the last checkpoint.")
 
     def __post_init__(self) -> None:

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 import ray.train
 
@@ -198,9 +200,11 @@ def _fingerprint_parts(cfg: TVKDConfig, paths: ModelPaths, table: pa.Table) -> d
                         h.update(chunk)
         return h.hexdigest()[:16]
 
+    # By the set of pairs, not their order: run.seed reshuffles the same pairs, and seeds of one
+    # experiment must share the teacher's work.
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
+        writer.write_table(table.sort_by("pair_id"))
     loss = cfg.loss
     return {
         "data": hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()[:16],
@@ -223,14 +227,17 @@ def _fingerprint_parts(cfg: TVKDConfig, paths: ModelPaths, table: pa.Table) -> d
     }
 
 
-def _cached(cfg: TVKDConfig, split: str, parts: dict[str, str], build) -> ray.data.Dataset:
-    """Reuse ``<cache>/<split>-<fingerprint>`` when present, else build, write and read it."""
+def _cached(
+    cfg: TVKDConfig, split: str, parts: dict[str, str], table: pa.Table, build
+) -> ray.data.Dataset:
+    """Reuse ``<cache>/<split>-<fingerprint>`` when present, else build and write it; either way
+    the scored rows come back in ``table``'s order (this run's shuffle)."""
     root = resolve_path(cfg.teacher.cache)
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
     target = root / f"{split}-{key}"
     if (target / "_fingerprint.json").exists():
         logger.info("teacher cache hit: %s", target)
-        return ray.data.read_parquet(str(target / "data"))
+        return _in_order(cfg, pq.read_table(target / "data"), table["pair_id"])
     previous = sorted(root.glob(f"{split}-*/_fingerprint.json"), key=lambda p: p.stat().st_mtime)
     if previous:
         old = json.loads(previous[-1].read_text())
@@ -247,7 +254,15 @@ def _cached(cfg: TVKDConfig, split: str, parts: dict[str, str], build) -> ray.da
     (tmp / "_fingerprint.json").write_text(json.dumps(parts, indent=1))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
-    return ray.data.read_parquet(str(target / "data"))
+    return _in_order(cfg, pq.read_table(target / "data"), table["pair_id"])
+
+
+def _in_order(cfg: TVKDConfig, scored: pa.Table, pair_ids: pa.ChunkedArray) -> ray.data.Dataset:
+    """``scored`` rows in the order of ``pair_ids``. The driver already holds these pairs' text;
+    their scored rows are of the same order of size, and reading them here is faster than
+    starting a Ray Data read."""
+    index = pc.index_in(pair_ids, value_set=scored["pair_id"])
+    return _blocks(scored.take(index), rows_per_block(cfg))
 
 
 def _actor_pool(cfg: TVKDConfig, ds, actor_class, args: dict, pool) -> ray.data.Dataset:
@@ -310,7 +325,7 @@ def _stream(cfg: TVKDConfig, paths: ModelPaths, table: pa.Table, split: str) -> 
     if cache == "memory":
         return _scored(cfg, paths, table).materialize()
     parts = _fingerprint_parts(cfg, paths, table)
-    return _cached(cfg, split, parts, lambda: _scored(cfg, paths, table))
+    return _cached(cfg, split, parts, table, lambda: _scored(cfg, paths, table))
 
 
 @dataclass

@@ -1,0 +1,482 @@
+"""The quality experiment of docs/RESULTS.md: the TVKD paper's pipeline in small, in one command.
+
+    .venv/bin/python examples/experiments/run.py [--out DIR] [--seeds 3] [--lanes 2] [--smoke]
+                                                 [--docs]
+
+1. Split the shared HH-RLHF harmless pairs: the first 1,800 lines are the train split, the last
+   200 the test split. The teacher and the students train on the first ``pairs`` train lines.
+2. Teacher: SmolLM2-135M-Instruct DPO-trained on them (``run.stage=dpo``); its pre-DPO weights
+   are ``teacher.ref_model`` of the implicit_reward potential. At the same time, in the other
+   lane, the student: SmolLM2's first 2 layers SFT'd on the chosen responses (``run.stage=sft``).
+3. One run per teacher setting first (these fill the teacher cache, one entry per potential
+   kind); then the teacher's signal on the test split is read from the cache, before any
+   student result is looked at.
+4. Every arm (plain DPO, TVKD with each potential kind over a small alpha/gamma grid, DPO + KD)
+   with each seed: same steps, learning rate and data; the seed changes the data order.
+5. The same comparison on the bundled dataset, against its ground truth (the chosen answer is
+   the correct one by construction), with the untrained SmolLM2 as the soft_value teacher.
+
+Every training run is the real CLI (``jobs/tvkd.py``), ``lanes`` of them at a time. A finished
+run is skipped when the command is run again, so an interrupted experiment resumes. Results go
+to ``<out>/report`` (JSON, Markdown tables, PNG plots); ``--docs`` also writes them to
+``docs/results/``. MLflow holds every run: ``mlflow ui --backend-store-uri
+sqlite:///<out>/runs/mlflow.db --host 127.0.0.1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import gzip
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+HH_FILE = REPO.parent / "shared" / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"
+BUNDLED = REPO / "examples" / "data" / "bundled"
+TRAIN_LINES = 1800  # the fixed split of the issue: first 1,800 train, last 200 test
+EVAL_KEYS = ("eval/rewards/accuracies", "eval/rewards/margins", "eval/loss")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes; the full plan runs in about two hours on 2 CPU cores, ``--smoke`` in minutes."""
+
+    pairs: int  # train-split pairs the teacher and the students train on
+    test_pairs: int  # test-split pairs evaluated (the last ones of the file)
+    teacher_epochs: int
+    student_epochs: int
+    eval_points: int  # evaluations per student run after step 0
+    bundled_pairs: int  # bundled training pairs (its eval file is used whole)
+
+
+FULL = Plan(
+    pairs=256, test_pairs=200, teacher_epochs=1, student_epochs=1, eval_points=2, bundled_pairs=256
+)
+SMOKE = Plan(
+    pairs=16, test_pairs=16, teacher_epochs=1, student_epochs=1, eval_points=1, bundled_pairs=16
+)
+
+# Arms: name -> overrides. alpha/gamma grid kept small; DPO + KD is the distillation baseline.
+HH_ARMS = {
+    "dpo": ["run.stage=dpo"],
+    "tvkd-soft-a0.1-g0.9": ["loss.potential=soft_value", "loss.alpha=0.1", "loss.gamma=0.9"],
+    "tvkd-soft-a0.5-g0.9": ["loss.potential=soft_value", "loss.alpha=0.5", "loss.gamma=0.9"],
+    "tvkd-ir-a0.5-g0.9": ["loss.potential=implicit_reward", "loss.alpha=0.5", "loss.gamma=0.9"],
+    "tvkd-ir-a1.0-g0.9": ["loss.potential=implicit_reward", "loss.alpha=1.0", "loss.gamma=0.9"],
+    "tvkd-ir-a0.5-g0.5": ["loss.potential=implicit_reward", "loss.alpha=0.5", "loss.gamma=0.5"],
+    "dpo+kd": ["loss.alpha=0", "loss.kd_weight=0.1"],
+}
+# The bundled comparison has no DPO-trained teacher: soft_value of the untrained SmolLM2.
+BUNDLED_ARMS = {k: HH_ARMS[k] for k in ("dpo", "tvkd-soft-a0.1-g0.9", "tvkd-soft-a0.5-g0.9")}
+
+
+def log(message: str) -> None:
+    print(f"[experiment {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line if line.endswith("\n") else line + "\n" for line in lines))
+    return path
+
+
+def split_data(out: Path, plan: Plan) -> dict[str, Path]:
+    """The fixed HH split, and the bundled subset, as JSONL files under ``<out>/data``."""
+    if not HH_FILE.is_file():
+        sys.exit(f"error: {HH_FILE} not found (the shared HH-RLHF pairs)")
+    with gzip.open(HH_FILE, "rt", encoding="utf-8") as fh:
+        lines = fh.readlines()
+    if len(lines) != 2000:
+        sys.exit(f"error: {HH_FILE}: expected 2,000 lines, found {len(lines)}")
+    train, test = lines[:TRAIN_LINES], lines[TRAIN_LINES:]
+    bundled = (BUNDLED / "train.jsonl").read_text().splitlines(keepends=True)
+    bundled_eval = (BUNDLED / "eval.jsonl").read_text().splitlines(keepends=True)
+    return {
+        "hh_train": write_lines(out / "data" / "hh_train.jsonl", train[: plan.pairs]),
+        "hh_test": write_lines(out / "data" / "hh_test.jsonl", test[-plan.test_pairs :]),
+        "bundled_train": write_lines(
+            out / "data" / "bundled_train.jsonl", bundled[: plan.bundled_pairs]
+        ),
+        "bundled_eval": write_lines(
+            out / "data" / "bundled_eval.jsonl", bundled_eval[: max(plan.test_pairs, 16)]
+        ),
+    }
+
+
+class Runner:
+    """Runs the CLI, one log file per run, and skips runs that already finished."""
+
+    def __init__(self, out: Path):
+        from mlflow.tracking import MlflowClient
+
+        self.runs = out / "runs"
+        self.logs = out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.runs.mkdir(parents=True, exist_ok=True)
+        # One store for every run; created here, before two lanes could race to create it.
+        self.tracking_uri = f"sqlite:///{self.runs / 'mlflow.db'}"
+        MlflowClient(tracking_uri=self.tracking_uri).search_experiments()
+
+    def done_file(self, name: str) -> Path:
+        return self.runs / name / "experiment-done.json"
+
+    def train(self, name: str, config: Path, overrides: list[str], keep_model: bool) -> dict:
+        done = self.done_file(name)
+        if done.exists():
+            return json.loads(done.read_text())
+        args = [f"run.name={name}", f"run.output_dir={self.runs}", *overrides]
+        command = [sys.executable, str(REPO / "jobs" / "tvkd.py"), "--config", str(config)]
+        command += [f"--{a}" for a in args]
+        log(f"start {name}")
+        started = time.time()
+        with open(self.logs / f"{name}.log", "w") as fh:
+            fh.write(" ".join(command) + "\n\n")
+            fh.flush()
+            proc = subprocess.run(command, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            tail = (self.logs / f"{name}.log").read_text().splitlines()[-15:]
+            raise RuntimeError(f"run {name} failed (exit {proc.returncode}):\n" + "\n".join(tail))
+        result = {"name": name, "seconds": round(time.time() - started, 1), **self.history(name)}
+        if not keep_model:  # students: the metrics are the result; weights would fill the disk
+            for sub in ("model", "train", "student_init", "pairs_seen"):
+                shutil.rmtree(self.runs / name / sub, ignore_errors=True)
+        done.write_text(json.dumps(result, indent=1))
+        log(f"done  {name} in {result['seconds']:.0f} s")
+        return result
+
+    def history(self, name: str) -> dict:
+        """Eval metric histories [(step, value)] of the run, read back from its MLflow store."""
+        from mlflow.tracking import MlflowClient
+
+        run_id = (self.runs / name / "mlflow_run_id").read_text().strip()
+        client = MlflowClient(tracking_uri=self.tracking_uri)
+        run = client.get_run(run_id)
+        out = {"mlflow_run_id": run_id, "status": run.info.status}
+        for key in sorted(k for k in run.data.metrics if k.startswith("eval/")):
+            # The final eval may share its step with a periodic one: keep one value per step.
+            by_step = {m.step: m.value for m in client.get_metric_history(run_id, key)}
+            out[key] = sorted(by_step.items())
+        if run.info.status != "FINISHED" or "eval/loss" not in out:
+            raise RuntimeError(f"run {name}: MLflow run {run_id} is {run.info.status}, no eval")
+        return out
+
+
+def in_lanes(lanes: int, jobs: list) -> list:
+    """Run zero-argument callables ``lanes`` at a time; the first failure stops the experiment."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=lanes) as pool:
+        futures = [pool.submit(job) for job in jobs]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def student_runs(prefix: str, arms: dict, seeds: int, common: list[str], eval_every: int):
+    """(name, overrides) of every arm x seed; seed 0 of each teacher setting comes first so that
+    it alone fills that setting's cache entry."""
+    first, rest = [], []
+    for arm, overrides in arms.items():
+        for seed in range(seeds):
+            run = (
+                f"{prefix}-{arm}-s{seed}",
+                [*common, *overrides, f"run.seed={seed}", f"train.eval_every={eval_every}"],
+            )
+            (first if seed == 0 else rest).append(run)
+    return first, rest
+
+
+def cache_key_of(overrides: list[str]) -> tuple:
+    """Arms with the same teacher work share one cache entry; run those one after another."""
+    potential = next((o for o in overrides if o.startswith("loss.potential=")), "")
+    stage = next((o for o in overrides if o.startswith("run.stage=")), "")
+    kd = any(o.startswith("loss.kd_weight=") for o in overrides)
+    return (potential, stage, kd)
+
+
+def teacher_signal(cache: Path, gamma: float = 0.9) -> list[dict]:
+    """Per cached eval entry (one per teacher setting): how often the teacher's summed centred
+    potential is larger on the chosen response, and the size of the offset it puts in Δ."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    rows = []
+    for entry in sorted(cache.glob("eval-*")):
+        parts = json.loads((entry / "_fingerprint.json").read_text())
+        kind, *_rest, uses_teacher = json.loads(parts["potential"])
+        if not uses_teacher:
+            continue
+        table = pq.read_table(entry / "data")
+        sums = {}
+        for side in ("chosen", "rejected"):
+            phis = table[f"{side}_potentials"].to_pylist()
+            sums[side] = np.array([np.sum(np.asarray(p) - p[0]) if p else 0.0 for p in phis])
+        lengths = {s: np.array([len(x) for x in table[f"{s}_ids"].to_pylist()]) for s in sums}
+        diff = sums["chosen"] - sums["rejected"]
+        rows.append(
+            {
+                "potential": kind,
+                "top_k": bool(json.loads(parts["potential"])[5]),
+                "pairs": table.num_rows,
+                "chosen_larger_sum": float(np.mean(diff > 0)),
+                "ties": float(np.mean(diff == 0)),
+                "chosen_longer": float(np.mean(lengths["chosen"] > lengths["rejected"])),
+                "offset_per_alpha_median_abs": float(np.median(np.abs((1 - gamma) * diff))),
+                "entry": entry.name,
+            }
+        )
+    return rows
+
+
+def summarise(results: list[dict], arms: dict, seeds: int, prefix: str) -> list[dict]:
+    """Mean ± std over seeds of the final eval metrics, per arm (sample std)."""
+    by_name = {r["name"]: r for r in results}
+    rows = []
+    for arm in arms:
+        runs = [by_name[f"{prefix}-{arm}-s{s}"] for s in range(seeds)]
+        row = {"arm": arm, "seeds": seeds}
+        for key in EVAL_KEYS:
+            finals = [r[key][-1][1] for r in runs]
+            row[key] = {
+                "mean": statistics.fmean(finals),
+                "std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+                "values": finals,
+            }
+        per_seed = [[v for _, v in r["eval/rewards/accuracies"]] for r in runs]
+        row["curve"] = {
+            "steps": [step for step, _ in runs[0]["eval/rewards/accuracies"]],
+            "mean": [statistics.fmean(values) for values in zip(*per_seed)],
+            "min": [min(values) for values in zip(*per_seed)],
+            "max": [max(values) for values in zip(*per_seed)],
+        }
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Final eval accuracy and margin, mean ± std over seeds, and the accuracy change against
+    plain DPO. (The eval loss of a TVKD arm includes its shaping offset: not comparable.)"""
+    lines = [
+        "| arm | eval preference accuracy | vs DPO | eval margin β·Δlog-ratio |",
+        "| --- | --- | --- | --- |",
+    ]
+    dpo = next(r for r in rows if r["arm"] == "dpo")["eval/rewards/accuracies"]["mean"]
+    for row in rows:
+        acc, margin = row["eval/rewards/accuracies"], row["eval/rewards/margins"]
+        lines.append(
+            f"| {row['arm']} | {acc['mean']:.3f} ± {acc['std']:.3f} | "
+            f"{acc['mean'] - dpo:+.3f} | {margin['mean']:.3f} ± {margin['std']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_curves(path: Path, panels: list[tuple[str, list[dict]]]) -> None:
+    """Eval accuracy against step, mean over seeds with a min-max band, one panel per dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
+    for ax, (title, rows) in zip(axes[0], panels, strict=True):
+        for row in rows:
+            curve = row["curve"]
+            style = "--" if row["arm"].startswith("dpo") else "-"
+            (line,) = ax.plot(curve["steps"], curve["mean"], style, label=row["arm"])
+            ax.fill_between(
+                curve["steps"], curve["min"], curve["max"], color=line.get_color(), alpha=0.12
+            )
+        ax.set_title(title)
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel("eval preference accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_shaping(path: Path, cache: Path, tokenizer_path: str, gamma: float, pairs: int) -> None:
+    """Token-level shaping terms F_t = γΦ(s_{t+1}) − Φ(s_t) (centred Φ, terminal 0) of the first
+    test pairs, chosen and rejected, for each potential kind (like the paper's figure)."""
+    import matplotlib
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tvkd_ray.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_path)
+    entries = []
+    for entry in sorted(cache.glob("eval-*")):
+        spec = json.loads(json.loads((entry / "_fingerprint.json").read_text())["potential"])
+        if spec[-1] and not spec[5]:  # teacher potentials without top-k: one per kind
+            entries.append((spec[0], pq.read_table(entry / "data").sort_by("pair_id")))
+    fig, axes = plt.subplots(
+        pairs, len(entries), figsize=(7 * len(entries), 2.6 * pairs), squeeze=False
+    )
+    for col, (kind, table) in enumerate(entries):
+        for row in range(min(pairs, table.num_rows)):
+            ax = axes[row][col]
+            for side, colour in (("chosen", "tab:green"), ("rejected", "tab:red")):
+                phi = np.asarray(table[f"{side}_potentials"][row].as_py(), dtype=np.float64)
+                phi = phi - phi[0]
+                shaped = gamma * np.append(phi[1:], 0.0) - phi
+                ax.plot(shaped, color=colour, lw=1, label=f"{side} (S={shaped.sum():.2f})")
+            ids = table["chosen_ids"][row].as_py()[:12]
+            ax.set_title(
+                f"{kind}, test pair {table['pair_id'][row].as_py()}: chosen starts "
+                f"{tokenizer.decode(ids)!r}"[:110],
+                fontsize=8,
+            )
+            ax.set_xlabel("response token t")
+            ax.set_ylabel("F_t")
+            ax.axhline(0, color="grey", lw=0.5)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("~/tvkd-ray-outputs/experiment"))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--lanes", type=int, default=2, help="training runs at a time")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the plumbing")
+    parser.add_argument("--docs", action="store_true", help="also write docs/results/")
+    args = parser.parse_args()
+    plan = SMOKE if args.smoke else FULL
+    out = args.out.expanduser().resolve()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    started = time.time()
+    data = split_data(out, plan)
+    runner = Runner(out)
+    cache = out / "teacher-cache"
+
+    # Stage 1 and 2 side by side: the teacher's DPO and the student's SFT do not depend on each
+    # other (the student starts from the untrained SmolLM2's first layers).
+    def hh_teacher():
+        return runner.train(
+            "hh-teacher-dpo",
+            HERE / "hh_teacher_dpo.yaml",
+            [
+                f"data.train_path={data['hh_train']}",
+                f"data.eval_path={data['hh_test']}",
+                f"train.epochs={plan.teacher_epochs}",
+            ],
+            keep_model=True,
+        )
+
+    def sft(name: str, train: Path, evaluation: Path):
+        return lambda: runner.train(
+            name,
+            HERE / "hh_student_sft.yaml",
+            [f"data.train_path={train}", f"data.eval_path={evaluation}"],
+            keep_model=True,
+        )
+
+    teacher, _, _ = in_lanes(
+        args.lanes,
+        [
+            hh_teacher,
+            sft("hh-student-sft", data["hh_train"], data["hh_test"]),
+            sft("bundled-student-sft", data["bundled_train"], data["bundled_eval"]),
+        ],
+    )
+    teacher_model = runner.runs / "hh-teacher-dpo" / "model"
+    student_eval_every = max(1, math.ceil(plan.pairs / 8) * plan.student_epochs // plan.eval_points)
+
+    def arm_runs(prefix: str, arms: dict, teacher_path: str, train: Path, evaluation: Path):
+        common = [
+            f"student.model={runner.runs / f'{prefix}-student-sft' / 'model'}",
+            f"teacher.model={teacher_path}",
+            f"teacher.cache={cache / prefix}",
+            f"data.train_path={train}",
+            f"data.eval_path={evaluation}",
+            f"train.epochs={plan.student_epochs}",
+        ]
+        return student_runs(prefix, arms, args.seeds, common, student_eval_every)
+
+    hh_first, hh_rest = arm_runs(
+        "hh", HH_ARMS, str(teacher_model), data["hh_train"], data["hh_test"]
+    )
+    b_first, b_rest = arm_runs(
+        "bundled",
+        BUNDLED_ARMS,
+        "smollm2-135m-instruct",
+        data["bundled_train"],
+        data["bundled_eval"],
+    )
+
+    def job(name, overrides):
+        return lambda: runner.train(name, HERE / "hh_student.yaml", overrides, keep_model=False)
+
+    # Arms that share a cache entry must not fill it at the same time: one run per entry first.
+    first, later = [], []
+    seen_keys = set()
+    for name, overrides in hh_first + b_first:
+        key = (name.split("-")[0], cache_key_of(overrides))  # one cache folder per dataset
+        (later if key in seen_keys else first).append(job(name, overrides))
+        seen_keys.add(key)
+    results = in_lanes(args.lanes, first)
+    signal = {
+        "teacher_dpo_eval_accuracy": teacher["eval/rewards/accuracies"][-1][1],
+        "teacher_dpo_eval_margin": teacher["eval/rewards/margins"][-1][1],
+        "hh": teacher_signal(cache / "hh"),
+        "bundled": teacher_signal(cache / "bundled"),
+    }
+    log(f"teacher signal: {json.dumps(signal)}")
+    results += in_lanes(args.lanes, later + [job(n, o) for n, o in hh_rest + b_rest])
+
+    report = out / "report"
+    report.mkdir(exist_ok=True)
+    hh_rows = summarise(results, HH_ARMS, args.seeds, "hh")
+    b_rows = summarise(results, BUNDLED_ARMS, args.seeds, "bundled")
+    summary = {
+        "plan": plan.__dict__,
+        "seeds": args.seeds,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "wall_seconds": round(time.time() - started),
+        "teacher_signal": signal,
+        "hh": hh_rows,
+        "bundled": b_rows,
+        "runs": results,
+    }
+    (report / "experiment.json").write_text(json.dumps(summary, indent=1))
+    tables = (
+        f"### HH-RLHF harmless, test split ({plan.test_pairs} pairs)\n\n"
+        f"{markdown_table(hh_rows)}\n\n"
+        f"### Bundled eval set, against its ground truth\n\n{markdown_table(b_rows)}\n"
+    )
+    (report / "tables.md").write_text(tables)
+    plot_curves(
+        report / "eval_accuracy.png",
+        [("HH-RLHF harmless, test split", hh_rows), ("bundled, ground truth", b_rows)],
+    )
+    plot_shaping(report / "shaping_terms.png", cache / "hh", str(teacher_model), 0.9, pairs=3)
+    print(tables)
+    if args.docs:
+        target = REPO / "docs" / "results"
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("experiment.json", "tables.md", "eval_accuracy.png", "shaping_terms.png"):
+            shutil.copy(report / name, target / name)
+    log(f"finished in {time.time() - started:.0f} s; report in {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

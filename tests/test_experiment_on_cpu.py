@@ -1,0 +1,81 @@
+"""The quality experiment's bookkeeping (examples/experiments/run.py): the teacher-signal figures
+read from a teacher cache entry, and the per-arm summaries over seeds. The training runs it
+drives are the CLI's, tested elsewhere."""
+
+import json
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "experiments"))
+
+import run as experiment  # noqa: E402
+
+
+def cache_entry(root: Path, name: str, potential: list, chosen, rejected) -> None:
+    """A cache entry as the pipeline writes it: Parquet rows and the fingerprint parts."""
+    (root / name / "data").mkdir(parents=True)
+    table = pa.table(
+        {
+            "pair_id": list(range(len(chosen))),
+            "chosen_ids": [[1] * len(p) for p in chosen],
+            "rejected_ids": [[1] * len(p) for p in rejected],
+            "chosen_potentials": chosen,
+            "rejected_potentials": rejected,
+        }
+    )
+    pq.write_table(table, root / name / "data" / "part-0.parquet")
+    parts = {"potential": json.dumps(potential)}
+    (root / name / "_fingerprint.json").write_text(json.dumps(parts))
+
+
+def test_teacher_signal_compares_summed_centred_potentials(tmp_path):
+    # Pair 0: chosen sums (0 + 1 + 2) = 3 after centring, rejected (0 + -1) = -1: teacher agrees.
+    # Pair 1: centring removes the offset of 10, so chosen 0 < rejected 0.5: teacher disagrees.
+    # Pair 2: the same values: a tie, counted as not agreeing.
+    chosen = [[1.0, 2.0, 3.0], [10.0, 10.0], [0.0, 1.0]]
+    rejected = [[1.0, 0.0], [0.0, 0.5], [0.0, 1.0]]
+    cache_entry(tmp_path, "eval-a", ["implicit_reward", 1, 1, False, 0.1, 0, True], chosen, rejected)
+    cache_entry(tmp_path, "eval-b", ["soft_value", 1, 1, False, 0.1, 0, False], chosen, rejected)
+    cache_entry(tmp_path, "train-c", ["soft_value", 1, 1, False, 0.1, 0, True], chosen, rejected)
+
+    (row,) = experiment.teacher_signal(tmp_path, gamma=0.9)  # eval entries with a teacher only
+    assert row["potential"] == "implicit_reward" and row["pairs"] == 3
+    assert row["chosen_larger_sum"] == pytest.approx(1 / 3)
+    assert row["ties"] == pytest.approx(1 / 3)
+    assert row["chosen_longer"] == pytest.approx(1 / 3)
+    # |(1 - γ) · (ΣΦ⁺ − ΣΦ⁻)| per pair: 0.4, 0.05, 0.0 -> median 0.05.
+    assert row["offset_per_alpha_median_abs"] == pytest.approx(0.05)
+
+
+def test_summaries_average_the_final_eval_over_seeds():
+    def run(name, accuracies):
+        steps = [0, 8, 16]
+        return {
+            "name": name,
+            "eval/rewards/accuracies": list(zip(steps, accuracies)),
+            "eval/rewards/margins": list(zip(steps, [0.0, 0.1, accuracies[-1]])),
+            "eval/loss": list(zip(steps, [0.69, 0.6, 0.5])),
+        }
+
+    results = [
+        run("hh-dpo-s0", [0.0, 0.5, 0.6]),
+        run("hh-dpo-s1", [0.0, 0.5, 0.8]),
+        run("hh-tvkd-s0", [0.0, 0.6, 0.5]),
+        run("hh-tvkd-s1", [0.0, 0.4, 0.5]),
+    ]
+    rows = experiment.summarise(results, {"dpo": [], "tvkd": []}, seeds=2, prefix="hh")
+    dpo, tvkd = rows
+    assert dpo["eval/rewards/accuracies"]["mean"] == pytest.approx(0.7)
+    assert dpo["eval/rewards/accuracies"]["std"] == pytest.approx(0.1414, abs=1e-4)
+    assert tvkd["curve"] == {
+        "steps": [0, 8, 16],
+        "mean": pytest.approx([0.0, 0.5, 0.5]),
+        "min": [0.0, 0.4, 0.5],
+        "max": [0.0, 0.6, 0.5],
+    }
+    table = experiment.markdown_table(rows)
+    assert "| tvkd | 0.500 ± 0.000 | -0.200 |" in table
