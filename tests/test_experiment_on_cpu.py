@@ -38,9 +38,12 @@ def test_teacher_signal_compares_summed_centred_potentials(tmp_path):
     # Pair 2: the same values: a tie, counted as not agreeing.
     chosen = [[1.0, 2.0, 3.0], [10.0, 10.0], [0.0, 1.0]]
     rejected = [[1.0, 0.0], [0.0, 0.5], [0.0, 1.0]]
-    cache_entry(tmp_path, "eval-a", ["implicit_reward", 1, 1, False, 0.1, 0, True], chosen, rejected)
-    cache_entry(tmp_path, "eval-b", ["soft_value", 1, 1, False, 0.1, 0, False], chosen, rejected)
-    cache_entry(tmp_path, "train-c", ["soft_value", 1, 1, False, 0.1, 0, True], chosen, rejected)
+    # Fingerprint "potential" parts: [kind, tau, q, normalize, beta_T, top_k, uses_teacher].
+    implicit = ["implicit_reward", 1, 1, False, 0.1, 0, True]
+    no_teacher = ["soft_value", 1, 1, False, 0.1, 0, False]
+    cache_entry(tmp_path, "eval-a", implicit, chosen, rejected)
+    cache_entry(tmp_path, "eval-b", no_teacher, chosen, rejected)
+    cache_entry(tmp_path, "train-c", implicit, chosen, rejected)
 
     (row,) = experiment.teacher_signal(tmp_path, gamma=0.9)  # eval entries with a teacher only
     assert row["potential"] == "implicit_reward" and row["pairs"] == 3
