@@ -49,7 +49,9 @@ def test_teacher_signal_compares_summed_centred_potentials(tmp_path):
     assert row["potential"] == "implicit_reward" and row["pairs"] == 3
     assert row["chosen_larger_sum"] == pytest.approx(1 / 3)
     assert row["ties"] == pytest.approx(1 / 3)
-    assert row["chosen_longer"] == pytest.approx(1 / 3)
+    assert row["chosen_longer"] == pytest.approx(1 / 3) and row["rejected_longer"] == 0
+    # Per-token means of the centred potentials: 1 vs -0.5, 0 vs 0.25, 0.5 vs 0.5.
+    assert row["chosen_larger_mean"] == pytest.approx(1 / 3)
     # |(1 - γ) · (ΣΦ⁺ − ΣΦ⁻)| per pair: 0.4, 0.05, 0.0 -> median 0.05.
     assert row["offset_per_alpha_median_abs"] == pytest.approx(0.05)
 

@@ -218,10 +218,11 @@ def teacher_signal(cache: Path, gamma: float = 0.9) -> list[dict]:
         if not uses_teacher:
             continue
         table = pq.read_table(entry / "data")
-        sums = {}
+        sums, means = {}, {}
         for side in ("chosen", "rejected"):
-            phis = table[f"{side}_potentials"].to_pylist()
-            sums[side] = np.array([np.sum(np.asarray(p) - p[0]) if p else 0.0 for p in phis])
+            centred = [np.asarray(p) - p[0] for p in table[f"{side}_potentials"].to_pylist()]
+            sums[side] = np.array([c.sum() if len(c) else 0.0 for c in centred])
+            means[side] = np.array([c.mean() if len(c) else 0.0 for c in centred])
         lengths = {s: np.array([len(x) for x in table[f"{s}_ids"].to_pylist()]) for s in sums}
         diff = sums["chosen"] - sums["rejected"]
         rows.append(
@@ -231,7 +232,11 @@ def teacher_signal(cache: Path, gamma: float = 0.9) -> list[dict]:
                 "pairs": table.num_rows,
                 "chosen_larger_sum": float(np.mean(diff > 0)),
                 "ties": float(np.mean(diff == 0)),
+                # Sums grow with length: the per-token mean and the lengths show how much of
+                # the ranking is length.
+                "chosen_larger_mean": float(np.mean(means["chosen"] > means["rejected"])),
                 "chosen_longer": float(np.mean(lengths["chosen"] > lengths["rejected"])),
+                "rejected_longer": float(np.mean(lengths["chosen"] < lengths["rejected"])),
                 "offset_per_alpha_median_abs": float(np.median(np.abs((1 - gamma) * diff))),
                 "entry": entry.name,
             }
