@@ -45,7 +45,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float = 120) -> None:
+def wait_http(url: str, timeout: float = 300) -> None:
+    """Poll until ``url`` answers; a server starting on a loaded 2-core machine can take minutes."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
