@@ -20,8 +20,9 @@ Tokens are counted as the trainer counts them: non-pad tokens of the 2B-row (cho
 batches. Steady state drops the first steps (start-up, lazy allocations) and takes medians of
 per-step rates. Each suite prints a table and writes ``<out-dir>/<suite>.json`` with the figures,
 settings, machine, versions, command and timestamps; the MLflow runs go to
-``<out-dir>/mlflow.db``. ``--quick`` takes ~15 min on 2 busy cores (each of its four Ray runs
-spends about a minute starting and stopping), the full mode ~20-30 min on quiet ones.
+``<out-dir>/mlflow.db``. ``--quick`` takes minutes (its first four suites took 11 min on 2 cores
+at load average ~19; each of its four Ray runs spends about a minute starting and stopping), the
+full mode ~20 min.
 """
 
 from __future__ import annotations

@@ -204,9 +204,9 @@ class LossConfig:
         0.1,
         "Teacher-signal strength alpha on the shaping return; 0 is plain DPO. Default 0.1 from "
         "docs/RESULTS.md: soft_value offsets scale with the teacher's logits (median "
-        "|(1-gamma)(sum Phi+ - sum Phi-)| of 5.8 on HH-RLHF pairs), and 0.5 cost 2.5-8.7 accuracy "
-        "points against DPO where 0.1 cost 0-5; with an implicit_reward potential (offsets ~30x "
-        "smaller) alpha 1.0 matched DPO.",
+        "|(1-gamma)(sum Phi+ - sum Phi-)| of 5.8 on HH-RLHF pairs); against DPO, alpha 0.5 cost "
+        "1.1-8.7 accuracy points and 0.1 cost 0.6-5.0. With an implicit_reward potential "
+        "(offsets ~30x smaller) alpha 1.0 matched DPO.",
     )
     gamma: float = _field(
         0.9,
