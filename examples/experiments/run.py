@@ -19,8 +19,9 @@
 Every training run is the real CLI (``jobs/tvkd.py``), ``lanes`` of them at a time. A finished
 run is skipped when the command is run again, so an interrupted experiment resumes. Results go
 to ``<out>/report`` (JSON, Markdown tables, PNG plots); ``--docs`` also writes them to
-``docs/results/``. MLflow holds every run: ``mlflow ui --backend-store-uri
-sqlite:///<out>/runs/mlflow.db --host 127.0.0.1``.
+``docs/results/``. MLflow holds every run; to browse them:
+
+    mlflow ui --backend-store-uri sqlite:///<out>/runs/mlflow.db --host 127.0.0.1
 """
 
 from __future__ import annotations
