@@ -206,6 +206,13 @@ def cache_key_of(overrides: list[str]) -> tuple:
     return (potential, stage, kd)
 
 
+def potential_spec(entry: Path) -> tuple[str, int, bool]:
+    """(kind, top_k, uses_teacher) of a cache entry, from its fingerprint's "potential" part:
+    [kind, tau, q, normalize, beta_T, top_k, uses_teacher]."""
+    spec = json.loads(json.loads((entry / "_fingerprint.json").read_text())["potential"])
+    return spec[0], spec[5], spec[6]
+
+
 def teacher_signal(cache: Path, gamma: float = 0.9) -> list[dict]:
     """Per cached eval entry (one per teacher setting): how often the teacher's summed centred
     potential is larger on the chosen response, and the size of the offset it puts in Δ."""
@@ -214,8 +221,7 @@ def teacher_signal(cache: Path, gamma: float = 0.9) -> list[dict]:
 
     rows = []
     for entry in sorted(cache.glob("eval-*")):
-        parts = json.loads((entry / "_fingerprint.json").read_text())
-        kind, *_rest, uses_teacher = json.loads(parts["potential"])
+        kind, top_k, uses_teacher = potential_spec(entry)
         if not uses_teacher:
             continue
         table = pq.read_table(entry / "data")
@@ -229,7 +235,7 @@ def teacher_signal(cache: Path, gamma: float = 0.9) -> list[dict]:
         rows.append(
             {
                 "potential": kind,
-                "top_k": bool(json.loads(parts["potential"])[5]),
+                "top_k": bool(top_k),
                 "pairs": table.num_rows,
                 "chosen_larger_sum": float(np.mean(diff > 0)),
                 "ties": float(np.mean(diff == 0)),
@@ -328,9 +334,9 @@ def plot_shaping(path: Path, cache: Path, tokenizer_path: str, gamma: float, pai
     tokenizer = load_tokenizer(tokenizer_path)
     entries = []
     for entry in sorted(cache.glob("eval-*")):
-        spec = json.loads(json.loads((entry / "_fingerprint.json").read_text())["potential"])
-        if spec[-1] and not spec[5]:  # teacher potentials without top-k: one per kind
-            entries.append((spec[0], pq.read_table(entry / "data").sort_by("pair_id")))
+        kind, top_k, uses_teacher = potential_spec(entry)
+        if uses_teacher and not top_k:  # teacher potentials without top-k: one per kind
+            entries.append((kind, pq.read_table(entry / "data").sort_by("pair_id")))
     fig, axes = plt.subplots(
         pairs, len(entries), figsize=(7 * len(entries), 2.6 * pairs), squeeze=False
     )
