@@ -3,6 +3,7 @@ response-only forward of ``tvkd_ray.forward`` on tokenised pair batches."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -37,11 +38,17 @@ class FrozenModel:
         dtype: str = "auto",
         num_gpus: float = 0.0,
         num_threads: int | None = None,
+        idle_priority: bool = False,
         trust_remote_code: bool = False,
     ):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device, self.dtype, self.device_map = place(num_gpus, dtype)
+        if idle_priority and self.device == "cpu" and hasattr(os, "SCHED_IDLE"):
+            # On CPU the actors share cores with the trainers, and Ray Data lets them run ahead:
+            # at equal priority they slowed the trainer's step, the critical path, by ~1.9x
+            # (docs/BENCHMARKS.md). Under SCHED_IDLE they take only the cycles left over.
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         self.model = self.load(model, trust_remote_code)
         self.pad_id = load_tokenizer(model).pad_token_id
         self.batches = 0

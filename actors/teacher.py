@@ -43,6 +43,7 @@ class TeacherPotentials(FrozenModel):
         dtype: str = "auto",
         num_gpus: float = 0.0,
         num_threads: int | None = None,
+        idle_priority: bool = False,
         trust_remote_code: bool = False,
     ):
         super().__init__(
@@ -50,6 +51,7 @@ class TeacherPotentials(FrozenModel):
             dtype=dtype,
             num_gpus=num_gpus,
             num_threads=num_threads,
+            idle_priority=idle_priority,
             trust_remote_code=trust_remote_code,
         )
         self.potential = potential

@@ -247,7 +247,7 @@ def test_same_classes_work_as_plain_ray_actors(ray_cluster, table, teacher_path)
     settings = {"normalize": True, "q_scale": 0.7, "top_k": 8}
     student = resolve_model("tiny-student")
     # Both actors start at once: each start costs seconds here.
-    teacher = ray.remote(TeacherPotentials).remote(teacher_path, **settings)
+    teacher = ray.remote(TeacherPotentials).remote(teacher_path, idle_priority=True, **settings)
     reference = ray.remote(ReferenceLogps).remote(student)
     remote_teacher, remote_reference = ray.get(
         [teacher.__call__.remote(table), reference.__call__.remote(table)]
@@ -258,3 +258,7 @@ def test_same_classes_work_as_plain_ray_actors(ray_cluster, table, teacher_path)
         assert remote.schema == local.schema
         values = [c for c in local.column_names if c not in ("teacher_s", "reference_s")]
         assert remote.select(values).equals(local.select(values))  # timings differ, values not
+
+    # The pipeline's CPU actors yield the cores to the trainers; others keep normal scheduling.
+    pids = ray.get([a.__ray_call__.remote(lambda self: os.getpid()) for a in (teacher, reference)])
+    assert [os.sched_getscheduler(pid) for pid in pids] == [os.SCHED_IDLE, os.SCHED_OTHER]

@@ -274,6 +274,7 @@ def _actor_pool(cfg: TVKDConfig, ds, actor_class, args: dict, pool) -> ray.data.
             **args,
             "num_gpus": pool.num_gpus_per_actor,
             "num_threads": max(1, int(pool.num_cpus_per_actor)),
+            "idle_priority": True,  # on CPU, the trainers come first
             "trust_remote_code": cfg.student.trust_remote_code,
         },
         batch_size=pool.batch_size,
