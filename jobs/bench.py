@@ -58,15 +58,21 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)
 
-import pyarrow as pa  # noqa: E402
-import torch  # noqa: E402
-
 # Runs as a script from a checkout: the repository for the packages, this folder for
 # measure_teacher, whose payload and memory measurements the payload and teacher suites reuse.
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(Path(__file__).resolve().parent)]
 
+from tvkd_ray.api import ALLOCATOR_ENV  # noqa: E402
+
+# The single-process baselines (bare loop, TRL) run with the allocator settings fit() gives its
+# Ray processes, so the ratios compare frameworks, not mallocs; glibc reads them at start-up.
+if any(os.environ.get(key) != value for key, value in ALLOCATOR_ENV.items()):
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ALLOCATOR_ENV})
+
 import measure_teacher  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import torch  # noqa: E402
 
 from tvkd_ray.config import BUNDLED_DATA, TVKDConfig, load_config  # noqa: E402
 from tvkd_ray.data import collate, tokenize_batch  # noqa: E402
