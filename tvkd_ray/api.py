@@ -18,11 +18,12 @@ from tvkd_ray.errors import TVKDError
 
 logger = logging.getLogger(__name__)
 
-# glibc settings for the CPU processes: every LM-head buffer (tens of MiB) would otherwise be a
-# fresh mmap, zero-filled page by page: ~30 % of a CPU step went to page faults. From the heap,
-# and kept unless 512 MiB lie free at its top, the buffers are reused: steps ~1.4x faster, RSS
-# flat at its peak (docs/BENCHMARKS.md, "Allocator").
-ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(512 * 2**20)}
+# Memory settings for the CPU processes. glibc returns every block of 1 MiB or more to the OS on
+# free, or freed chunk-sized LM-head buffers would fragment the heap and RSS would creep towards
+# the full-logits size (tests/test_potentials_on_cpu.py). Each such buffer is then page-faulted
+# anew, which cost ~30 % of a CPU step; torch's 2 MiB transparent huge pages cut the faults
+# ~10x (steps ~1.35x faster, docs/BENCHMARKS.md "Allocator"), where the kernel allows THP.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576", "THP_MEM_ALLOC_ENABLE": "1"}
 # Environment of every process in a cluster that fit() starts itself.
 RAY_ENV = {
     "RAY_TRAIN_V2_ENABLED": "1",
