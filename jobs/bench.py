@@ -7,8 +7,9 @@ Suites (all use config-built Llama models with the SmolLM2 tokenizer's 49,152-to
 teacher 8 layers x 256, student 4 layers x 256; the bundled dataset; fp32 on CPU):
 
 * ``pipeline``: steady-state tokens/s of ``tvkd_ray.fit`` (teacher pool -> reference pool -> one
-  Ray Train worker, ``teacher.cache=none`` so the teacher streams every batch) over a bare
-  single-process loop doing the same teacher, reference and student work on the same batches;
+  Ray Train worker, ``teacher.cache=none`` so the teacher streams every batch, on data long
+  enough that it still streams at the last measured step) over a bare single-process loop doing
+  the same teacher, reference and student work on the same batches;
   the share of step time the trainer waits for data; per-stage costs to show where time goes.
 * ``teacher``: peak RSS growth and time of the chunked potentials vs full logits, several sizes.
 * ``payload``: Arrow bytes per response token the teacher adds (Φ only, and with top-32).
@@ -20,9 +21,8 @@ Tokens are counted as the trainer counts them: non-pad tokens of the 2B-row (cho
 batches. Steady state drops the first steps (start-up, lazy allocations) and takes medians of
 per-step rates. Each suite prints a table and writes ``<out-dir>/<suite>.json`` with the figures,
 settings, machine, versions, command and timestamps; the MLflow runs go to
-``<out-dir>/mlflow.db``. ``--quick`` takes minutes (its first four suites took 11 min on 2 cores
-at load average ~19; each of its four Ray runs spends about a minute starting and stopping), the
-full mode ~20 min.
+``<out-dir>/mlflow.db``. On an idle 2-core machine ``--quick`` takes ~6 min (each of its four Ray
+runs spends about a minute starting and stopping), the full mode ~11 min.
 """
 
 from __future__ import annotations

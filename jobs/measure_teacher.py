@@ -73,7 +73,8 @@ print(status_kib("VmHWM") - before, time.perf_counter() - start)
 """
 # glibc would otherwise keep freed chunk-sized blocks mapped, so RSS would show the allocator's
 # retention instead of the tensors alive at once (see tests/test_potentials_on_cpu.py).
-_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
+# (glibc's default MALLOC_MMAP_MAX_ too, against the no-mmap ALLOCATOR_ENV the bench runs under.)
+_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**20), "MALLOC_MMAP_MAX_": "65536"}
 
 
 def batches(num_batches: int, pairs_per_batch: int, max_length: int) -> list[pa.Table]:

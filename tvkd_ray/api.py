@@ -18,12 +18,10 @@ from tvkd_ray.errors import TVKDError
 
 logger = logging.getLogger(__name__)
 
-# Memory settings for the CPU processes. glibc returns every block of 1 MiB or more to the OS on
-# free, or freed chunk-sized LM-head buffers would fragment the heap and RSS would creep towards
-# the full-logits size (tests/test_potentials_on_cpu.py). Each such buffer is then page-faulted
-# anew, which cost ~30 % of a CPU step; torch's 2 MiB transparent huge pages cut the faults
-# ~10x (steps ~1.35x faster, docs/BENCHMARKS.md "Allocator"), where the kernel allows THP.
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576", "THP_MEM_ALLOC_ENABLE": "1"}
+# glibc settings for the CPU processes (the actor pools override them, tvkd_ray.pipeline): large
+# blocks come from the heap and stay there for the next step. Otherwise every LM-head buffer is a
+# fresh mmap, zero-filled page by page: ~30 % of a CPU training step (docs/BENCHMARKS.md).
+ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(512 * 2**20)}
 # Environment of every process in a cluster that fit() starts itself.
 RAY_ENV = {
     "RAY_TRAIN_V2_ENABLED": "1",

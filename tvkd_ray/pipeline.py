@@ -37,6 +37,11 @@ from tvkd_ray.models import (
 
 logger = logging.getLogger(__name__)
 TOKENIZE_CPUS = 0.5  # tokenising is light; a fractional share keeps it beside the model pools
+# The teacher and reference actors return blocks of 1 MiB or more to the OS on free: in a heap,
+# their chunk-sized LM-head buffers fragment it and RSS creeps towards the full logits (901 MiB
+# peak for chunked potentials of 8,192 positions x 49,152, against 221 MiB). They run ahead of
+# the trainers, so the page faults this costs them are off the critical path.
+ACTOR_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**20), "MALLOC_MMAP_MAX_": "65536"}
 
 
 @dataclass
@@ -282,6 +287,7 @@ def _actor_pool(cfg: TVKDConfig, ds, actor_class, args: dict, pool) -> ray.data.
         compute=ray.data.ActorPoolStrategy(size=pool.num_actors),
         num_cpus=pool.num_cpus_per_actor,
         num_gpus=pool.num_gpus_per_actor,
+        runtime_env={"env_vars": ACTOR_ALLOCATOR_ENV},  # merged into the job's env_vars
         max_restarts=cfg.teacher.max_restarts,
         max_task_retries=-1,
         udf_modifying_row_count=False,
