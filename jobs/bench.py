@@ -94,8 +94,9 @@ STREAM_REPEATS = 4  # 248 batches: more than the pipeline's actors run ahead in 
 THREADS = os.cpu_count() or 1  # the single-process baselines use the whole machine
 TARGETS = {"pipeline": 0.85, "wait_share": 0.05, "payload": 8.0, "trl": 1.7}
 # A 1-minute load average above this many times the CPU count means other work competed with the
-# benchmark (its own runs keep about one process per core busy).
-BUSY_LOAD = 1.5
+# benchmark. Its own runs reach ~1.6x on 2 CPUs: the pipeline keeps three processes runnable (the
+# idle-priority actors count too), plus Ray's own.
+BUSY_LOAD = 2.0
 
 
 @dataclass(frozen=True)
