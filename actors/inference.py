@@ -46,7 +46,7 @@ class FrozenModel:
         self.device, self.dtype, self.device_map = place(num_gpus, dtype)
         if idle_priority and self.device == "cpu" and hasattr(os, "SCHED_IDLE"):
             # On CPU the actors share cores with the trainers, and Ray Data lets them run ahead:
-            # at equal priority they slowed the trainer's step, the critical path, by ~1.9x
+            # at equal priority they slowed the trainer's step, the critical path, 1.7-2x
             # (docs/BENCHMARKS.md). Under SCHED_IDLE they take only the cycles left over.
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         self.model = self.load(model, trust_remote_code)
