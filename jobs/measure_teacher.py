@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from actors.teacher import TeacherPotentials  # noqa: E402
+from tvkd_ray.api import ACTOR_ALLOCATOR_ENV  # noqa: E402
 from tvkd_ray.data import collate, load_pairs, tokenize_batch  # noqa: E402
 from tvkd_ray.forward import predicting_positions  # noqa: E402
 from tvkd_ray.models import load_model, load_tokenizer, resolve_model  # noqa: E402
@@ -71,10 +72,6 @@ start = time.perf_counter()
 run(hidden)
 print(status_kib("VmHWM") - before, time.perf_counter() - start)
 """
-# glibc would otherwise keep freed chunk-sized blocks mapped, so RSS would show the allocator's
-# retention instead of the tensors alive at once (see tests/test_potentials_on_cpu.py).
-# (glibc's default MALLOC_MMAP_MAX_ too, against the no-mmap ALLOCATOR_ENV the bench runs under.)
-_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**20), "MALLOC_MMAP_MAX_": "65536"}
 
 
 def batches(num_batches: int, pairs_per_batch: int, max_length: int) -> list[pa.Table]:
@@ -133,7 +130,8 @@ def memory(positions: int, hidden_size: int, vocab: int) -> dict[str, dict[str, 
         proc = subprocess.run(
             [sys.executable, "-c", probe, mode],
             cwd=REPO,
-            env={**os.environ, **_MEMORY_ENV},
+            # The actors' allocator (not the bench's): RSS shows the tensors alive at once.
+            env={**os.environ, **ACTOR_ALLOCATOR_ENV},
             capture_output=True,
             text=True,
             check=True,

@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tvkd_ray.api import ACTOR_ALLOCATOR_ENV
 from tvkd_ray.potentials import (
     implicit_reward_potentials,
     soft_value,
@@ -233,12 +234,8 @@ for name, run in paths.items():
 
 # glibc's dynamic mmap threshold keeps freed chunk-sized blocks in a heap that torch's aligned
 # allocations fragment, so RSS would measure the allocator's retention rather than the tensors
-# alive at once; a fixed threshold returns every block of 1 MiB or more to the OS when freed.
-_LIVE_MEMORY_ENV = {
-    "MALLOC_MMAP_THRESHOLD_": str(2**20),
-    "MALLOC_MMAP_MAX_": "65536",  # glibc's default, whatever the caller's environment says
-    "OMP_NUM_THREADS": "1",
-}
+# alive at once; the actors' settings return every block of 1 MiB or more to the OS when freed.
+_LIVE_MEMORY_ENV = {**ACTOR_ALLOCATOR_ENV, "OMP_NUM_THREADS": "1"}
 _FULL_LOGITS_KIB = 2048 * 32000 * 4 // 1024
 _CHUNK_ROWS = 64
 

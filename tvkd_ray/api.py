@@ -22,6 +22,12 @@ logger = logging.getLogger(__name__)
 # blocks come from the heap and stay there for the next step. Otherwise every LM-head buffer is a
 # fresh mmap, zero-filled page by page: ~30 % of a CPU training step (docs/BENCHMARKS.md).
 ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(512 * 2**20)}
+# The teacher and reference actors (and the memory probes, which measure what they hold) return
+# blocks of 1 MiB or more to the OS on free: in a heap, their chunk-sized LM-head buffers fragment
+# it and RSS creeps towards the full logits (901 MiB peak for chunked potentials of 8,192
+# positions x 49,152, against 221 MiB). The page faults this costs them are off the critical path
+# while they keep ahead of the trainers (on 2 cores they only just do: docs/BENCHMARKS.md).
+ACTOR_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**20), "MALLOC_MMAP_MAX_": "65536"}
 # Environment of every process in a cluster that fit() starts itself.
 RAY_ENV = {
     "RAY_TRAIN_V2_ENABLED": "1",

@@ -25,6 +25,7 @@ import ray.train
 
 from actors.reference import ReferenceLogps
 from actors.teacher import TeacherPotentials
+from tvkd_ray.api import ACTOR_ALLOCATOR_ENV
 from tvkd_ray.config import TVKDConfig, resolve_path
 from tvkd_ray.data import load_pairs, tokenize_dataset
 from tvkd_ray.errors import ResourceError
@@ -37,12 +38,6 @@ from tvkd_ray.models import (
 
 logger = logging.getLogger(__name__)
 TOKENIZE_CPUS = 0.5  # tokenising is light; a fractional share keeps it beside the model pools
-# The teacher and reference actors return blocks of 1 MiB or more to the OS on free: in a heap,
-# their chunk-sized LM-head buffers fragment it and RSS creeps towards the full logits (901 MiB
-# peak for chunked potentials of 8,192 positions x 49,152, against 221 MiB). The page faults this
-# costs them are off the critical path while they keep ahead of the trainers (on 2 cores they
-# only just do: docs/BENCHMARKS.md).
-ACTOR_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**20), "MALLOC_MMAP_MAX_": "65536"}
 
 
 @dataclass
