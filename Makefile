@@ -24,6 +24,7 @@ run: install
 
 docs: install
 	$(PY) -c "from tvkd_ray.config import config_reference_markdown as m; print(m(), end='')" > docs/CONFIG.md
+	$(PY) -m tvkd_ray.schema docs/ARCHITECTURE.md
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from actors.faults import maybe_crash
-from tvkd_ray.data import collate
+from tvkd_ray import schema
+from tvkd_ray.data import PairBatch, collate
 from tvkd_ray.forward import lm_head_params, response_hidden
 from tvkd_ray.models import load_model, load_tokenizer
 
@@ -26,54 +29,68 @@ def place(num_gpus: float, dtype: str) -> tuple[str, str, str | None]:
     return ("cuda" if on_gpu else "cpu"), dtype, device_map
 
 
+@dataclass(frozen=True)
+class FrozenModelSpec:
+    """Everything a frozen-model actor needs, built once per role by the driver from its config
+    section; the cache fingerprint is derived from the same spec (``output_fields``)."""
+
+    model: str
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    num_gpus: float = 0.0
+    num_threads: int = 1
+    # On CPU the actors share cores with the trainers, and Ray Data lets them run ahead: at equal
+    # priority they slowed the trainer's step, the critical path, 1.7-2x (docs/BENCHMARKS.md).
+    # Under SCHED_IDLE they take only the cycles left over.
+    idle_priority: bool = False
+
+    # Fields that only place the work; every other field changes what the actor computes.
+    PLACEMENT: ClassVar[tuple[str, ...]] = ("num_threads", "idle_priority")
+    # Fields naming a model, fingerprinted by their files' content.
+    MODELS: ClassVar[tuple[str, ...]] = ("model",)
+
+    def output_fields(self) -> dict:
+        """The fields that decide the actor's output (what a cache must be keyed on)."""
+        return {k: v for k, v in asdict(self).items() if k not in self.PLACEMENT}
+
+
 class FrozenModel:
     """A frozen causal LM in eval mode, scoring the response tokens of collated pair batches."""
 
     role = "frozen"
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        dtype: str = "auto",
-        num_gpus: float = 0.0,
-        num_threads: int | None = None,
-        idle_priority: bool = False,
-        trust_remote_code: bool = False,
-    ):
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        self.device, self.dtype, self.device_map = place(num_gpus, dtype)
-        if idle_priority and self.device == "cpu" and hasattr(os, "SCHED_IDLE"):
-            # On CPU the actors share cores with the trainers, and Ray Data lets them run ahead:
-            # at equal priority they slowed the trainer's step, the critical path, 1.7-2x
-            # (docs/BENCHMARKS.md). Under SCHED_IDLE they take only the cycles left over.
+    def __init__(self, spec: FrozenModelSpec):
+        self.spec = spec
+        if spec.num_threads:
+            torch.set_num_threads(spec.num_threads)
+        self.device, self.dtype, self.device_map = place(spec.num_gpus, spec.dtype)
+        if spec.idle_priority and self.device == "cpu" and hasattr(os, "SCHED_IDLE"):
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        self.model = self.load(model, trust_remote_code)
-        self.pad_id = load_tokenizer(model).pad_token_id
+        self.model = self.load(spec.model)
+        self.pad_id = load_tokenizer(spec.model).pad_token_id
         self.batches = 0
 
-    def load(self, name: str, trust_remote_code: bool):
+    def load(self, name: str):
         """Load a frozen model with this actor's placement."""
         model = load_model(
-            name, dtype=self.dtype, device_map=self.device_map, trust_remote_code=trust_remote_code
+            name,
+            dtype=self.dtype,
+            device_map=self.device_map,
+            trust_remote_code=self.spec.trust_remote_code,
         )
         if self.device_map is None:
             model = model.to(self.device)
         return model.eval().requires_grad_(False)
 
-    def forward_batch(self, table: pa.Table) -> dict[str, torch.Tensor]:
+    def forward_batch(self, table: pa.Table) -> PairBatch:
         """Collated batch on the model's input device (chosen rows, then rejected rows)."""
         self.batches += 1
         maybe_crash(self.role, self.batches)
-        batch = collate(table.select(["prompt_ids", "chosen_ids", "rejected_ids"]), self.pad_id)
-        device = self.model.get_input_embeddings().weight.device
-        return {k: v.to(device) for k, v in batch.items()}
+        batch = collate(table.select(list(schema.TOKEN_IDS)), self.pad_id)
+        return batch.to(self.model.get_input_embeddings().weight.device)
 
-    def hidden(self, model, batch) -> torch.Tensor:
-        return response_hidden(
-            model, batch["input_ids"], batch["attention_mask"], batch["response_mask"]
-        )
+    def hidden(self, model, batch: PairBatch) -> torch.Tensor:
+        return response_hidden(model, batch.input_ids, batch.attention_mask, batch.response_mask)
 
     def score(self, table: pa.Table):
         """(batch, hidden states at response-predicting positions, LM-head weight and bias)."""

@@ -1,6 +1,7 @@
 """Reference actor: the student's frozen reference π_ref scores each response once, so no trainer
-ever holds a second model. Adds ``ref_chosen_logps`` / ``ref_rejected_logps`` (float32 per pair).
-Works as a Ray Data callable class and as a plain actor, like the teacher."""
+ever holds a second model. Adds the ``schema.REFERENCE`` columns (sequence log-probs, float32 per
+pair). Built from a ``FrozenModelSpec``; works as a Ray Data callable class and as a plain actor,
+like the teacher."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pyarrow as pa
 import torch
 
 from actors.inference import FrozenModel, with_timing
+from tvkd_ray import schema
 from tvkd_ray.forward import row_sums
 from tvkd_ray.potentials import token_logps_from_hidden
 
@@ -21,10 +23,9 @@ class ReferenceLogps(FrozenModel):
     def __call__(self, table: pa.Table) -> pa.Table:
         started = time.perf_counter()
         batch, hidden, weight, bias = self.score(table)
-        mask = batch["response_mask"]
-        logps = token_logps_from_hidden(hidden, weight, batch["input_ids"][mask], bias)
-        sums = row_sums(logps.double(), mask).float().cpu().numpy()
-        n = table.num_rows
-        out = table.append_column("ref_chosen_logps", pa.array(sums[:n]))
-        out = out.append_column("ref_rejected_logps", pa.array(sums[n:]))
-        return with_timing(out, "reference_s", started)
+        mask = batch.response_mask
+        logps = token_logps_from_hidden(hidden, weight, batch.input_ids[mask], bias)
+        sums = batch.sides(row_sums(logps.double(), mask).float().cpu())
+        out = table.append_column(schema.REF_CHOSEN_LOGPS, pa.array(sums.chosen.numpy()))
+        out = out.append_column(schema.REF_REJECTED_LOGPS, pa.array(sums.rejected.numpy()))
+        return with_timing(out, schema.REFERENCE_S, started)

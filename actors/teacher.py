@@ -9,12 +9,15 @@ log-probs when KD is on), as Arrow list columns that travel zero-copy through th
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from actors.inference import FrozenModel, split_rows, with_timing
+from actors.inference import FrozenModel, FrozenModelSpec, split_rows, with_timing
+from tvkd_ray import schema
 from tvkd_ray.forward import lm_head_params
 from tvkd_ray.potentials import (
     implicit_reward_potentials,
@@ -24,78 +27,66 @@ from tvkd_ray.potentials import (
 )
 
 
+@dataclass(frozen=True)
+class TeacherSpec(FrozenModelSpec):
+    """The teacher actor's model, placement and potential settings (SPEC §2.2)."""
+
+    potential: str = "soft_value"
+    tau: float = 1.0
+    q_scale: float = 1.0
+    normalize: bool = False
+    ref_model: str | None = None  # the teacher's pre-DPO checkpoint, for implicit_reward
+    beta: float = 0.1
+    top_k: int = 0  # top-k ids and log-probs streamed per chosen token; 0 without KD
+
+    MODELS: ClassVar[tuple[str, ...]] = ("model", "ref_model")
+
+
 class TeacherPotentials(FrozenModel):
     """Loads the teacher (and, for ``implicit_reward``, its pre-DPO reference) once per actor."""
 
     role = "teacher"
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        potential: str = "soft_value",
-        tau: float = 1.0,
-        q_scale: float = 1.0,
-        normalize: bool = False,
-        ref_model: str | None = None,
-        beta: float = 0.1,
-        top_k: int = 0,
-        dtype: str = "auto",
-        num_gpus: float = 0.0,
-        num_threads: int | None = None,
-        idle_priority: bool = False,
-        trust_remote_code: bool = False,
-    ):
-        super().__init__(
-            model,
-            dtype=dtype,
-            num_gpus=num_gpus,
-            num_threads=num_threads,
-            idle_priority=idle_priority,
-            trust_remote_code=trust_remote_code,
-        )
-        self.potential = potential
-        self.soft_value_args = {"tau": tau, "q_scale": q_scale, "normalize": normalize}
-        self.beta = beta
-        self.top_k = top_k
-        self.ref = None
-        if potential == "implicit_reward":
-            self.ref = self.load(ref_model, trust_remote_code)
+    def __init__(self, spec: TeacherSpec):
+        super().__init__(spec)
+        self.soft_value_args = {
+            "tau": spec.tau,
+            "q_scale": spec.q_scale,
+            "normalize": spec.normalize,
+        }
+        self.ref = self.load(spec.ref_model) if spec.potential == "implicit_reward" else None
 
     @torch.inference_mode()
     def __call__(self, table: pa.Table) -> pa.Table:
         started = time.perf_counter()
         batch, hidden, weight, bias = self.score(table)
-        mask = batch["response_mask"]
-        if self.potential == "soft_value":
+        mask = batch.response_mask
+        if self.spec.potential == "soft_value":
             phi = soft_value_from_hidden(hidden, weight, bias, **self.soft_value_args)
         else:
             phi = self._implicit_reward(batch, hidden, weight, bias)
         chosen, rejected = split_rows(phi.float().cpu().numpy(), mask, table.num_rows)
-        out = table.append_column("chosen_potentials", chosen)
-        out = out.append_column("rejected_potentials", rejected)
-        if self.top_k > 0:
-            # KD needs the chosen responses only: they are the first rows of the batch.
-            n_chosen = int(mask[: table.num_rows].sum())
-            ids, logps = topk_logps_from_hidden(hidden[:n_chosen], weight, self.top_k, bias)
-            lengths = mask[: table.num_rows].sum(dim=1).cpu().numpy() * self.top_k
-            offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-            out = out.append_column(
-                "chosen_topk_ids",
-                pa.ListArray.from_arrays(
-                    offsets, pa.array(ids.cpu().numpy().ravel().astype(np.int32))
-                ),
-            )
-            out = out.append_column(
-                "chosen_topk_logps",
-                pa.ListArray.from_arrays(offsets, pa.array(logps.float().cpu().numpy().ravel())),
-            )
-        return with_timing(out, "teacher_s", started)
+        out = table.append_column(schema.CHOSEN_POTENTIALS, chosen)
+        out = out.append_column(schema.REJECTED_POTENTIALS, rejected)
+        if self.spec.top_k > 0:
+            out = self._append_topk(out, hidden, weight, bias, batch.sides(mask).chosen)
+        return with_timing(out, schema.TEACHER_S, started)
+
+    def _append_topk(self, out: pa.Table, hidden, weight, bias, chosen_mask) -> pa.Table:
+        """KD needs the chosen responses only: their positions come first in ``hidden``."""
+        k = self.spec.top_k
+        ids, logps = topk_logps_from_hidden(hidden[: int(chosen_mask.sum())], weight, k, bias)
+        lengths = chosen_mask.sum(dim=1).cpu().numpy() * k
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        ids = pa.array(ids.cpu().numpy().ravel().astype(np.int32))
+        logps = pa.array(logps.float().cpu().numpy().ravel())
+        out = out.append_column(schema.CHOSEN_TOPK_IDS, pa.ListArray.from_arrays(offsets, ids))
+        return out.append_column(schema.CHOSEN_TOPK_LOGPS, pa.ListArray.from_arrays(offsets, logps))
 
     def _implicit_reward(self, batch, hidden, weight, bias) -> torch.Tensor:
         """β_T · Σ_{k<t} [log π_T − log π_Tref] over each row's response tokens, flattened."""
-        mask = batch["response_mask"]
-        targets = batch["input_ids"][mask]
+        mask = batch.response_mask
+        targets = batch.input_ids[mask]
         teacher = token_logps_from_hidden(hidden, weight, targets, bias)
         ref_hidden = self.hidden(self.ref, batch)
         ref_weight, ref_bias = lm_head_params(self.ref)
@@ -106,4 +97,4 @@ class TeacherPotentials(FrozenModel):
         padded_r = torch.zeros_like(padded_t)
         padded_t[mask] = teacher.float()
         padded_r[mask] = ref.float().to(teacher.device)
-        return implicit_reward_potentials(padded_t, padded_r, mask, self.beta)[mask]
+        return implicit_reward_potentials(padded_t, padded_r, mask, self.spec.beta)[mask]

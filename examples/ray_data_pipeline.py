@@ -41,10 +41,9 @@ class PreferenceScorer:
     def __call__(self, table):
         tokens = tokenize_batch(table, self.tokenizer, **self.lengths)
         batch = collate(tokens, self.tokenizer.pad_token_id)
-        logps, _ = self.policy(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
-        sums = row_sums(logps, batch["response_mask"]).numpy()
-        n = table.num_rows
-        return {"prefers_chosen": sums[:n] > sums[n:]}
+        logps, _ = self.policy(batch.input_ids, batch.attention_mask, batch.response_mask)
+        sums = batch.sides(row_sums(logps, batch.response_mask))
+        return {"prefers_chosen": (sums.chosen > sums.rejected).numpy()}
 
 
 def main() -> None:

@@ -51,12 +51,12 @@ from tvkd_ray.models import check_tokenizers_compatible, load_model, load_tokeni
 # ------------------------------------------------------------------------------------ scoring
 
 
-def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed log-prob [rows] (float64) of each row's response tokens in a collated batch."""
+def sequence_logps(
+    model: torch.nn.Module, input_ids, attention_mask, response_mask
+) -> torch.Tensor:
+    """Summed log-prob [rows] (float64) of each row's response tokens (right-padded rows)."""
     device = model.get_input_embeddings().weight.device
-    ids, attention, mask = (
-        batch[key].to(device) for key in ("input_ids", "attention_mask", "response_mask")
-    )
+    ids, attention, mask = (t.to(device) for t in (input_ids, attention_mask, response_mask))
     logps, _ = ResponseLogps(model)(ids, attention, mask)
     return row_sums(logps.double(), mask).cpu()
 
@@ -75,11 +75,12 @@ def reward_margins(
     margins = []
     for start in range(0, tokens.num_rows, batch_size):
         batch = collate(tokens.slice(start, batch_size), pad_token_id)
-        n = batch["pair_id"].shape[0]
-        logps = sequence_logps(model, batch)
+        rows = (batch.input_ids, batch.attention_mask, batch.response_mask)
+        logps = sequence_logps(model, *rows)
         if ref_model is not None:
-            logps = beta * (logps - sequence_logps(ref_model, batch))
-        margins.append(logps[:n] - logps[n:])  # collate puts chosen rows first
+            logps = beta * (logps - sequence_logps(ref_model, *rows))
+        sides = batch.sides(logps)
+        margins.append(sides.chosen - sides.rejected)
     return torch.cat(margins).numpy()
 
 
@@ -113,8 +114,9 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _right_padded(rows: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict:
-    """Batch of (context, continuation) rows in the collated layout, continuation as response."""
+def _right_padded(rows: list[tuple[list[int], list[int]]], pad_token_id: int) -> tuple:
+    """(input_ids, attention_mask, response_mask) of (context, continuation) rows, right-padded
+    as in a collated batch, the continuation as the response."""
     lengths = torch.tensor([len(context) + len(ending) for context, ending in rows])
     input_ids = torch.full((len(rows), int(lengths.max())), pad_token_id)
     response_mask = torch.zeros(input_ids.shape, dtype=torch.bool)
@@ -122,11 +124,7 @@ def _right_padded(rows: list[tuple[list[int], list[int]]], pad_token_id: int) ->
         input_ids[row, : lengths[row]] = torch.tensor(context + ending)
         response_mask[row, len(context) : lengths[row]] = True
     attention_mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "response_mask": response_mask,
-    }
+    return input_ids, attention_mask, response_mask
 
 
 @torch.inference_mode()
@@ -151,8 +149,8 @@ def multiple_choice_accuracy(
                 # One context token always stays: the first token of a row is never predicted.
                 ending = ending[: max_length - 1]
                 rows.append((context[-(max_length - len(ending)) :], ending))
-        batch = _right_padded(rows, tokenizer.pad_token_id)
-        scores = sequence_logps(model, batch) / batch["response_mask"].sum(dim=1)
+        padded = _right_padded(rows, tokenizer.pad_token_id)
+        scores = sequence_logps(model, *padded) / padded[2].sum(dim=1)
         for item, item_scores in zip(chunk, scores.split([len(i["endings"]) for i in chunk])):
             correct += int(item_scores.argmax()) == item["label"]
     return {"accuracy": correct / len(items), "n": len(items), "truncated": truncated}

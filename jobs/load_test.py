@@ -2,17 +2,17 @@
 
     .venv/bin/python jobs/load_test.py [--pairs 20000] [--epochs 2] [--out-dir load-results]
 
-Tiny config-built models, ``teacher.cache=none`` (the teacher really streams every epoch), the
-real Ray Data → actor pools → Ray Train path. A sampler records the driver's RSS, the object
-store's use and what was spilled every few seconds; the trainer's per-epoch pair ids show whether
-every pair was trained exactly once per epoch. Prints a table and writes JSON.
+Tiny config-built models, ``teacher.cache=none`` and ``reference.cache=none`` (both pools really
+stream every epoch), the real Ray Data → actor pools → Ray Train path. A sampler records the
+driver's RSS, the object store's use and what was spilled every few seconds; the trainer's
+per-epoch pair ids show whether every pair was trained exactly once per epoch. Prints a table and
+writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import tempfile
@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
-from tvkd_ray.api import RAY_ENV  # noqa: E402
+from tvkd_ray import runtime  # noqa: E402
 from tvkd_ray.config import load_config  # noqa: E402
 
 
@@ -88,7 +88,7 @@ def main() -> int:
     parser.add_argument("--out-dir", default="load-results")
     parser.add_argument("--every-s", type=float, default=5.0)
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    runtime.set_defaults(runtime.PRIVATE_CLUSTER_ENV)
 
     import ray
 
@@ -107,6 +107,7 @@ def main() -> int:
             f"data.train_path={data}",
             "data.eval_path=null",
             "teacher.cache=none",
+            "reference.cache=none",
             "teacher.batch_size=64",
             "reference.batch_size=64",
             "train.batch_size=64",
@@ -121,7 +122,7 @@ def main() -> int:
         num_cpus=8,
         include_dashboard=False,
         log_to_driver=False,
-        runtime_env={"env_vars": {**RAY_ENV, "HF_HUB_OFFLINE": "1"}},
+        runtime_env={"env_vars": runtime.cluster_env_vars()},
     )
     sampler = Sampler(args.every_s, ray.get_runtime_context().gcs_address)
     sampler.start()

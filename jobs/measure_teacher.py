@@ -33,12 +33,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from actors.teacher import TeacherPotentials  # noqa: E402
-from tvkd_ray.api import ACTOR_ALLOCATOR_ENV  # noqa: E402
+from actors.teacher import TeacherPotentials, TeacherSpec  # noqa: E402
+from tvkd_ray import schema  # noqa: E402
 from tvkd_ray.data import collate, load_pairs, tokenize_batch  # noqa: E402
 from tvkd_ray.forward import predicting_positions  # noqa: E402
 from tvkd_ray.models import load_model, load_tokenizer, resolve_model  # noqa: E402
 from tvkd_ray.potentials import soft_value  # noqa: E402
+from tvkd_ray.runtime import ACTOR_ALLOCATOR_ENV  # noqa: E402
 
 TEACHER = "smollm2-135m-instruct"
 HH_PAIRS = REPO.parent / "shared" / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"
@@ -91,16 +92,16 @@ def count(table: pa.Table, *columns: str) -> int:
 def payload(tables: list[pa.Table], teacher_dir: str) -> dict[str, float]:
     """Bytes per response token of the columns the teacher adds: Arrow ``nbytes`` and the size
     of their Arrow IPC stream (framing and schema included, as the object store holds blocks)."""
-    teacher = TeacherPotentials(teacher_dir, top_k=TOP_K, dtype="float32")
+    teacher = TeacherPotentials(TeacherSpec(teacher_dir, top_k=TOP_K, dtype="float32"))
     outs = [teacher(table) for table in tables]
     tokens = sum(count(table, "chosen_ids", "rejected_ids") for table in tables)
     modes = {
-        "potentials only": ["chosen_potentials", "rejected_potentials"],
+        "potentials only": [schema.CHOSEN_POTENTIALS, schema.REJECTED_POTENTIALS],
         f"potentials + top-{TOP_K}": [
-            "chosen_potentials",
-            "rejected_potentials",
-            "chosen_topk_ids",
-            "chosen_topk_logps",
+            schema.CHOSEN_POTENTIALS,
+            schema.REJECTED_POTENTIALS,
+            schema.CHOSEN_TOPK_IDS,
+            schema.CHOSEN_TOPK_LOGPS,
         ],
     }
     result = {"response_tokens": tokens}
@@ -145,15 +146,15 @@ def memory(positions: int, hidden_size: int, vocab: int) -> dict[str, dict[str, 
 @torch.inference_mode()
 def bare_forward(model, pad_id: int, table: pa.Table) -> torch.Tensor:
     """The baseline: the whole-sequence logits, then Φ at the positions predicting responses."""
-    batch = collate(table.select(["prompt_ids", "chosen_ids", "rejected_ids"]), pad_id)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return soft_value(logits[predicting_positions(batch["response_mask"])])
+    batch = collate(table.select(list(schema.TOKEN_IDS)), pad_id)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return soft_value(logits[predicting_positions(batch.response_mask)])
 
 
 def speed(tables: list[pa.Table], teacher_dir: str, rounds: int) -> dict[str, float]:
     """Median tokens/s (prompt + response tokens, padding excluded) over every batch and round,
     the two paths interleaved batch by batch so machine load hits both alike."""
-    teacher = TeacherPotentials(teacher_dir, dtype="float32")
+    teacher = TeacherPotentials(TeacherSpec(teacher_dir, dtype="float32"))
     model = load_model(teacher_dir).eval()
     pad_id = load_tokenizer(teacher_dir).pad_token_id
     paths = {

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         import ray.data
 
-        from tvkd_ray.api import fit
+        from tvkd_ray import fit
 
         # The CLI owns its process: per-step [tvkd] lines, not Ray Data's progress bars.
         ray.data.DataContext.get_current().enable_progress_bars = False

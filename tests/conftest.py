@@ -4,22 +4,17 @@ import os
 import sys
 from pathlib import Path
 
-# Set before ray/transformers are imported anywhere in the test session.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests never log to a developer's server
-
-import pytest  # noqa: E402
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HH_PAIRS = REPO_ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"
 sys.path.insert(0, str(REPO_ROOT))
+
+from tvkd_ray import runtime  # noqa: E402  (imports neither ray nor transformers)
+
+# Set before ray/transformers are imported anywhere in the test session.
+runtime.set_defaults(runtime.PRIVATE_CLUSTER_ENV)
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests never log to a developer's server
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -36,8 +31,6 @@ def ray_cluster(fault_file):
     already running on the machine; logical CPUs are over-committed so actor pools never starve)."""
     import ray
 
-    from tvkd_ray.api import RAY_ENV
-
     if ray.is_initialized():
         yield ray
         return
@@ -47,12 +40,8 @@ def ray_cluster(fault_file):
         include_dashboard=False,
         log_to_driver=False,
         runtime_env={
-            "env_vars": {
-                **RAY_ENV,  # what fit() gives the processes of a cluster it starts
-                "HF_HUB_OFFLINE": "1",
-                "TVKD_FAULT_FILE": str(fault_file),
-                **{k: os.environ[k] for k in ("TVKD_CACHE_DIR",) if k in os.environ},
-            }
+            # What fit() gives the processes of a cluster it starts (the fault file included).
+            "env_vars": runtime.cluster_env_vars()
         },
     )
     yield ray

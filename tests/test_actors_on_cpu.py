@@ -14,9 +14,11 @@ import pyarrow as pa  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from actors.inference import FrozenModelSpec  # noqa: E402
 from actors.reference import ReferenceLogps  # noqa: E402
-from actors.teacher import TeacherPotentials  # noqa: E402
-from tvkd_ray.data import PAIRS_SCHEMA, tokenize_batch  # noqa: E402
+from actors.teacher import TeacherPotentials, TeacherSpec  # noqa: E402
+from tvkd_ray import schema  # noqa: E402
+from tvkd_ray.data import tokenize_batch  # noqa: E402
 from tvkd_ray.models import build_student, load_model, load_tokenizer, resolve_model  # noqa: E402
 from tvkd_ray.potentials import soft_value  # noqa: E402
 
@@ -39,7 +41,7 @@ LONG_PAIR = (
 
 
 def tokenized(pairs, first_id=0):
-    """Tokenised pairs (TOKENIZED_SCHEMA) with the tiny tokenizer, ids from ``first_id``."""
+    """Tokenised pairs (schema.TOKENIZED) with the tiny tokenizer, ids from ``first_id``."""
     prompts, chosen, rejected = zip(*pairs)
     table = pa.table(
         {
@@ -48,7 +50,7 @@ def tokenized(pairs, first_id=0):
             "chosen": list(chosen),
             "rejected": list(rejected),
         },
-        schema=PAIRS_SCHEMA,
+        schema=schema.PAIRS,
     )
     return tokenize_batch(table, load_tokenizer("tiny"), max_length=256, max_prompt_length=128)
 
@@ -151,14 +153,14 @@ def test_pairs_are_right_padded_within_a_batch(table):
 def test_soft_value_potentials_equal_direct_unpadded_computation(
     settings, table, teacher_path, teacher_model
 ):
-    out = TeacherPotentials(teacher_path, potential="soft_value", **settings)(table)
+    out = TeacherPotentials(TeacherSpec(teacher_path, potential="soft_value", **settings))(table)
     expected = direct_columns(
         table, lambda p, r: direct_soft_value(teacher_model, p, r, **settings)
     )
-    added = ["chosen_potentials", "rejected_potentials", "teacher_s"]
+    added = [schema.CHOSEN_POTENTIALS, schema.REJECTED_POTENTIALS, schema.TEACHER_S]
     assert out.column_names == [*table.column_names, *added]
-    assert (out.column("teacher_s").to_numpy() > 0).all()  # compute seconds per pair
-    assert out.schema.field("chosen_potentials").type == pa.list_(pa.float32())
+    assert (out.column(schema.TEACHER_S).to_numpy() > 0).all()  # compute seconds per pair
+    assert out.schema.field(schema.CHOSEN_POTENTIALS).type == pa.list_(pa.float32())
     assert out.select(table.column_names).equals(table)
     for side in ("chosen", "rejected"):
         assert_lists_close(out.column(f"{side}_potentials"), expected[side])
@@ -169,7 +171,7 @@ def test_implicit_reward_potentials_equal_direct_unpadded_computation(
 ):
     teacher_ref = load_model(teacher_ref_path).eval()
     actor = TeacherPotentials(
-        teacher_path, potential="implicit_reward", ref_model=teacher_ref_path, beta=0.3
+        TeacherSpec(teacher_path, potential="implicit_reward", ref_model=teacher_ref_path, beta=0.3)
     )
     out = actor(table)
     expected = direct_columns(
@@ -185,11 +187,11 @@ def test_implicit_reward_potentials_equal_direct_unpadded_computation(
 
 def test_topk_equals_torch_topk_of_log_softmax(table, teacher_path, teacher_model):
     k = 32
-    out = TeacherPotentials(teacher_path, top_k=k)(table)
-    assert out.schema.field("chosen_topk_ids").type == pa.list_(pa.int32())
-    assert out.schema.field("chosen_topk_logps").type == pa.list_(pa.float32())
-    ids = out.column("chosen_topk_ids").to_pylist()
-    logps = out.column("chosen_topk_logps").to_pylist()
+    out = TeacherPotentials(TeacherSpec(teacher_path, top_k=k))(table)
+    assert out.schema.field(schema.CHOSEN_TOPK_IDS).type == pa.list_(pa.int32())
+    assert out.schema.field(schema.CHOSEN_TOPK_LOGPS).type == pa.list_(pa.float32())
+    ids = out.column(schema.CHOSEN_TOPK_IDS).to_pylist()
+    logps = out.column(schema.CHOSEN_TOPK_LOGPS).to_pylist()
     for row, row_ids, row_logps in zip(table.to_pylist(), ids, logps):
         logits = direct_logits(teacher_model, row["prompt_ids"], row["chosen_ids"])
         top = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
@@ -203,11 +205,11 @@ def test_topk_equals_torch_topk_of_log_softmax(table, teacher_path, teacher_mode
 def test_reference_logps_equal_direct_unpadded_sums(table):
     path = resolve_model("tiny-student")
     model = load_model(path).eval()
-    out = ReferenceLogps(path)(table)
-    assert out.schema.field("ref_chosen_logps").type == pa.float32()
+    out = ReferenceLogps(FrozenModelSpec(path))(table)
+    assert out.schema.field(schema.REF_CHOSEN_LOGPS).type == pa.float32()
     expected = direct_columns(table, lambda p, r: direct_token_logps(model, p, r).sum())
-    for side in ("chosen", "rejected"):
-        got = torch.tensor(out.column(f"ref_{side}_logps").to_pylist())
+    for side, column in zip(("chosen", "rejected"), schema.REF_LOGPS, strict=True):
+        got = torch.tensor(out.column(column).to_pylist())
         torch.testing.assert_close(got, torch.stack(expected[side]), **TOL)
 
 
@@ -220,20 +222,21 @@ def test_outputs_of_a_pair_do_not_depend_on_its_batch(teacher_path, teacher_ref_
     batch = pa.concat_tables([tokenized([LONG_PAIR], first_id=1), alone])
     lengths = [len(ids) for ids in batch.column("chosen_ids").to_pylist()]
     assert lengths[0] > 4 * lengths[1]
+    implicit = TeacherSpec(teacher_path, potential="implicit_reward", ref_model=teacher_ref_path)
     columns = {
-        "soft_value": (TeacherPotentials(teacher_path, normalize=True, q_scale=0.7), "potentials"),
-        "implicit_reward": (
-            TeacherPotentials(
-                teacher_path, potential="implicit_reward", ref_model=teacher_ref_path
-            ),
-            "potentials",
+        "soft_value": (
+            TeacherPotentials(TeacherSpec(teacher_path, normalize=True, q_scale=0.7)),
+            schema.POTENTIALS,
         ),
-        "reference": (ReferenceLogps(resolve_model("tiny-student")), "logps"),
+        "implicit_reward": (TeacherPotentials(implicit), schema.POTENTIALS),
+        "reference": (
+            ReferenceLogps(FrozenModelSpec(resolve_model("tiny-student"))),
+            schema.REF_LOGPS,
+        ),
     }
-    for name, (actor, suffix) in columns.items():
+    for name, (actor, added) in columns.items():
         single, batched = actor(alone), actor(batch).slice(1)
-        for side in ("chosen", "rejected"):
-            column = f"ref_{side}_logps" if name == "reference" else f"{side}_{suffix}"
+        for column in added:
             got = batched.column(column).to_pylist()
             want = single.column(column).to_pylist()
             torch.testing.assert_close(torch.tensor(got), torch.tensor(want), **TOL, msg=name)
@@ -247,16 +250,17 @@ def test_same_classes_work_as_plain_ray_actors(ray_cluster, table, teacher_path)
     settings = {"normalize": True, "q_scale": 0.7, "top_k": 8}
     student = resolve_model("tiny-student")
     # Both actors start at once: each start costs seconds here.
-    teacher = ray.remote(TeacherPotentials).remote(teacher_path, idle_priority=True, **settings)
-    reference = ray.remote(ReferenceLogps).remote(student)
+    spec = TeacherSpec(teacher_path, idle_priority=True, **settings)
+    teacher = ray.remote(TeacherPotentials).remote(spec)
+    reference = ray.remote(ReferenceLogps).remote(FrozenModelSpec(student))
     remote_teacher, remote_reference = ray.get(
         [teacher.__call__.remote(table), reference.__call__.remote(table)]
     )
-    local_teacher = TeacherPotentials(teacher_path, **settings)(table)
-    local_reference = ReferenceLogps(student)(table)
+    local_teacher = TeacherPotentials(TeacherSpec(teacher_path, **settings))(table)
+    local_reference = ReferenceLogps(FrozenModelSpec(student))(table)
     for remote, local in ((remote_teacher, local_teacher), (remote_reference, local_reference)):
         assert remote.schema == local.schema
-        values = [c for c in local.column_names if c not in ("teacher_s", "reference_s")]
+        values = [c for c in local.column_names if c not in (schema.TEACHER_S, schema.REFERENCE_S)]
         assert remote.select(values).equals(local.select(values))  # timings differ, values not
 
     # The pipeline's CPU actors yield the cores to the trainers; others keep normal scheduling.

@@ -12,7 +12,11 @@ from tvkd_ray.config import (
     field_docs,
     load_config,
 )
+from tvkd_ray.driver import pools
+from tvkd_ray.driver.inputs import ModelPaths
+from tvkd_ray.driver.streams import rows_per_block
 from tvkd_ray.errors import ConfigError
+from tvkd_ray.step import Objective
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,7 +69,45 @@ def test_bad_config_gives_one_line_error(overrides, message):
 
 def test_dpo_stage_needs_no_teacher():
     cfg = load_config(None, ["run.stage=dpo", "teacher.model=null"])
-    assert not cfg.uses_teacher and cfg.alpha == 0.0
+    assert not cfg.uses_teacher and Objective.from_config(cfg).alpha == 0.0
+    assert list(cfg.pools()) == ["reference"]
+    assert list(load_config(None, ["run.stage=sft"]).pools()) == []
+
+
+def test_pools_own_their_knobs_and_inherit_the_students_model_settings():
+    """Each pool's dtype / trust_remote_code is the student's unless it sets its own, its
+    restarts are its own, and the streamed block size never comes from a pool that does not
+    run."""
+    paths = ModelPaths(student_init="s", reference="r", tokenizer="s", teacher="t")
+    cfg = load_config(None, ["student.dtype=bfloat16", "reference.max_restarts=7"])
+    specs = {role.name: role for role in pools.roles(cfg, paths)}
+    assert specs["teacher"].spec.dtype == specs["reference"].spec.dtype == "bfloat16"
+    assert specs["reference"].pool.max_restarts == 7 and specs["teacher"].pool.max_restarts == 3
+    own = load_config(None, ["teacher.dtype=float32", "teacher.trust_remote_code=true"])
+    teacher, reference = pools.roles(own, paths)
+    assert (teacher.spec.dtype, teacher.spec.trust_remote_code) == ("float32", True)
+    assert (reference.spec.dtype, reference.spec.trust_remote_code) == ("auto", False)
+    dpo = load_config(None, ["run.stage=dpo", "teacher.batch_size=64", "reference.batch_size=4"])
+    assert rows_per_block(dpo) == 4
+    assert rows_per_block(load_config(None, ["run.stage=sft", "train.batch_size=5"])) == 5
+
+
+def test_pool_errors_name_their_own_section():
+    with pytest.raises(ConfigError, match=r"^reference.num_actors: must be >= 1, got 0$"):
+        load_config(None, ["reference.num_actors=0"])
+    with pytest.raises(ConfigError, match=r"^teacher.max_restarts: must be >= 0$"):
+        load_config(None, ["teacher.max_restarts=-1"])
+
+
+def test_default_yaml_is_the_dataclass_defaults():
+    """examples/default.yaml writes out the embedded default: every key it sets is the default,
+    so the two cannot drift apart."""
+    written = yaml.safe_load((REPO / "examples" / "default.yaml").read_text())
+    defaults = TVKDConfig().to_dict()
+    for section, values in written.items():
+        for key, value in values.items():
+            assert defaults[section][key] == value, f"{section}.{key}"
+    assert load_config(REPO / "examples" / "default.yaml").to_dict() == defaults
 
 
 def test_bad_yaml_names_file_and_line(tmp_path):

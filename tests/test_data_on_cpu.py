@@ -18,10 +18,9 @@ import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tvkd_ray import schema  # noqa: E402
 from tvkd_ray.data import (  # noqa: E402
     HH_ASSISTANT,
-    PAIRS_SCHEMA,
-    TOKENIZED_SCHEMA,
     collate,
     load_pairs,
     tokenize_batch,
@@ -151,7 +150,7 @@ def test_every_reader_and_format(tmp_path, request, tiny, reader, fmt):
     loaded = load_pairs(source, tokenizer=tiny)
     assert loaded.format == fmt
     assert loaded.skipped == {}
-    assert loaded.table.schema == PAIRS_SCHEMA
+    assert loaded.table.schema == schema.PAIRS
     assert loaded.table.column("pair_id").to_pylist() == [0, 1]
     got = list(zip(*(loaded.table.column(c).to_pylist() for c in ("prompt", "chosen", "rejected"))))
     assert got == expected
@@ -429,7 +428,7 @@ def _pairs_table(rows):
             "pair_id": pa.array(range(len(rows)), pa.int64()),
             **{c: [row[i] for row in rows] for i, c in enumerate(("prompt", "chosen", "rejected"))},
         },
-        schema=PAIRS_SCHEMA,
+        schema=schema.PAIRS,
     )
 
 
@@ -446,7 +445,7 @@ def test_tokenize_batch_appends_eos_and_truncates(tiny):
         ("Hi", " " + "the red car " * 20, " ok"),
     ]
     out = tokenize_batch(_pairs_table(rows), tiny, max_length=32, max_prompt_length=16).to_pydict()
-    assert pa.table(out, schema=TOKENIZED_SCHEMA).schema == TOKENIZED_SCHEMA
+    assert pa.table(out, schema=schema.TOKENIZED).schema == schema.TOKENIZED
 
     # Untruncated: exactly the text's tokens, EOS appended to responses only.
     assert out["prompt_ids"][0] == _encode(tiny, "Hi there")
@@ -480,7 +479,7 @@ def test_tokenize_batch_keeps_eos_when_it_just_fits(tiny):
 
 def test_tokenize_batch_edge_cases(tiny):
     empty = tokenize_batch(_pairs_table([]), tiny, max_length=8, max_prompt_length=4)
-    assert empty.num_rows == 0 and empty.schema == TOKENIZED_SCHEMA
+    assert empty.num_rows == 0 and empty.schema == schema.TOKENIZED
     with pytest.raises(ValueError, match="max_prompt_length"):
         tokenize_batch(_pairs_table([("a", "b", "c")]), tiny, max_length=8, max_prompt_length=8)
 
@@ -508,7 +507,7 @@ def test_tokenize_dataset_through_ray_data(ray_cluster, hh_path, smollm2):
         f"\ntokenised {pairs.num_rows} HH pairs: Ray Data {ray_rate:.0f} pairs/s "
         f"(incl. actor start-up), tokenize_batch {batch_rate:.0f} pairs/s"
     )
-    assert got.schema == TOKENIZED_SCHEMA
+    assert got.schema == schema.TOKENIZED
     assert got.equals(expected.sort_by("pair_id"))
     assert all(
         ids[-1] == smollm2.eos_token_id for ids in got.column("rejected_ids").to_pylist()[:50]
@@ -527,46 +526,51 @@ TOKENIZED = pa.table(
         "rejected_ids": [[6], [12, 13]],
         "prompt_truncated": [False, False],
         "response_truncated": [False, False],
-        "chosen_potentials": pa.array([[0.5, 0.25], [1.0, 2.0, 3.0, 4.0]], pa.list_(pa.float32())),
-        "rejected_potentials": pa.array([[-1.0], [5.0, 6.0]], pa.list_(pa.float32())),
-        "ref_chosen_logps": pa.array([-1.5, -2.5], pa.float32()),
-        "ref_rejected_logps": pa.array([-3.5, -4.5], pa.float32()),
+        schema.CHOSEN_POTENTIALS: pa.array(
+            [[0.5, 0.25], [1.0, 2.0, 3.0, 4.0]], pa.list_(pa.float32())
+        ),
+        schema.REJECTED_POTENTIALS: pa.array([[-1.0], [5.0, 6.0]], pa.list_(pa.float32())),
+        schema.REF_CHOSEN_LOGPS: pa.array([-1.5, -2.5], pa.float32()),
+        schema.REF_REJECTED_LOGPS: pa.array([-3.5, -4.5], pa.float32()),
     }
 )
 
 
 def _check_collated(out):
     pad = 99
-    assert out["input_ids"].tolist() == [
+    assert out.input_ids.tolist() == [
         [1, 2, 3, 4, 5],
         [7, 8, 9, 10, 11],
         [1, 2, 3, 6, pad],
         [7, 12, 13, pad, pad],
     ]
-    assert out["attention_mask"].tolist() == [[1] * 5, [1] * 5, [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]
-    assert out["response_mask"].dtype == torch.bool
-    assert out["response_mask"].int().tolist() == [
+    assert out.attention_mask.tolist() == [[1] * 5, [1] * 5, [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]
+    assert out.response_mask.dtype == torch.bool
+    assert out.response_mask.int().tolist() == [
         [0, 0, 0, 1, 1],
         [0, 1, 1, 1, 1],
         [0, 0, 0, 1, 0],
         [0, 1, 1, 0, 0],
     ]
-    assert out["potentials"].dtype == torch.float32
-    assert out["potentials"].tolist() == [
+    assert out.potentials.dtype == torch.float32
+    assert out.potentials.tolist() == [
         [0, 0, 0, 0.5, 0.25],
         [0, 1, 2, 3, 4],
         [0, 0, 0, -1, 0],
         [0, 5, 6, 0, 0],
     ]
-    assert out["ref_logps"].tolist() == [-1.5, -2.5, -3.5, -4.5]
-    assert out["pair_id"].tolist() == [10, 11]
-    assert out["input_ids"].dtype == torch.int64
+    assert out.ref_logps.tolist() == [-1.5, -2.5, -3.5, -4.5]
+    assert out.pair_id.tolist() == [10, 11]
+    assert out.input_ids.dtype == torch.int64
 
 
 def test_collate_table_layout():
     _check_collated(collate(TOKENIZED, pad_token_id=99))
     minimal = collate(TOKENIZED.select(["prompt_ids", "chosen_ids", "rejected_ids"]), 0)
-    assert set(minimal) == {"input_ids", "attention_mask", "response_mask"}
+    assert minimal.potentials is None and minimal.ref_logps is None and minimal.pair_id is None
+    assert minimal.n_pairs == 2
+    sides = minimal.sides(minimal.input_ids)
+    assert sides.chosen.tolist() == [[1, 2, 3, 4, 5], [7, 8, 9, 10, 11]]
 
 
 def test_collate_ray_numpy_batches(ray_cluster):
@@ -579,8 +583,8 @@ def test_collate_ray_numpy_batches(ray_cluster):
 
 def test_collate_rejects_misaligned_potentials():
     bad = TOKENIZED.set_column(
-        TOKENIZED.schema.get_field_index("rejected_potentials"),
-        "rejected_potentials",
+        TOKENIZED.schema.get_field_index(schema.REJECTED_POTENTIALS),
+        schema.REJECTED_POTENTIALS,
         pa.array([[-1.0, 0.0], [5.0, 6.0]], pa.list_(pa.float32())),
     )
     with pytest.raises(ValueError, match="one value per response token"):
@@ -599,9 +603,9 @@ def test_collate_response_positions_hold_the_response(tiny):
     responses = rows["chosen_ids"] + rows["rejected_ids"]
     for i, response in enumerate(responses):
         ids, mask, attention = (
-            out["input_ids"][i],
-            out["response_mask"][i],
-            out["attention_mask"][i],
+            out.input_ids[i],
+            out.response_mask[i],
+            out.attention_mask[i],
         )
         assert ids[mask].tolist() == response
         assert ids[attention.bool() & ~mask].tolist() == rows["prompt_ids"][i % 2]
@@ -664,3 +668,35 @@ def test_bundled_dataset_content(smollm2):
     )
     assert capital["chosen"] == " The capital of Australia is Canberra."
     assert capital["rejected"] == " The capital of Australia is Sydney."
+
+
+# ------------------------------------------------------------------------- the travelling schema
+
+
+def test_architecture_doc_lists_the_schema_as_generated():
+    text = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    assert schema.markdown() in text, "docs/ARCHITECTURE.md is stale: run `make docs`"
+
+
+def test_scored_column_names_are_spelled_in_the_schema_module_only():
+    """Code names a travelling column by its schema constant: a quoted name anywhere else in the
+    library, the roles, the jobs or the examples would be a second place to keep in step."""
+    scored = [*schema.TEACHER.names, *schema.TEACHER_KD.names, *schema.REFERENCE.names]
+    spelled = []
+    for root in ("tvkd_ray", "actors", "jobs", "examples"):
+        for path in sorted((REPO / root).rglob("*.py")):
+            if path == REPO / "tvkd_ray" / "schema.py":
+                continue
+            text = path.read_text()
+            spelled += [f"{path.relative_to(REPO)}: {n}" for n in scored if f'"{n}"' in text]
+    assert not spelled, spelled
+    assert len(scored) == 8  # potentials x2, top-k x2, reference log-probs x2, timings x2
+
+
+def test_placeholder_pair_has_every_column_of_the_scored_schema():
+    columns = schema.scored(teacher=True, kd=True, reference=True)
+    one = schema.placeholder(columns, pad_id=3, top_k=4)
+    assert one.schema == columns and one.num_rows == 1
+    assert one.column(schema.CHOSEN_TOPK_IDS).to_pylist() == [[3, 3, 3, 3]]
+    batch = collate(one, pad_token_id=3)  # one response token per side, as the step expects
+    assert batch.response_mask.sum().item() == 2 and batch.potentials.tolist() == [[0, 0], [0, 0]]

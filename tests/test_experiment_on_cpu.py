@@ -14,8 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "exper
 
 import run as experiment  # noqa: E402
 
+from tvkd_ray import schema  # noqa: E402
 
-def cache_entry(root: Path, name: str, potential: list, chosen, rejected) -> None:
+
+def cache_entry(root: Path, name: str, potential: dict | None, chosen, rejected) -> None:
     """A cache entry as the pipeline writes it: Parquet rows and the fingerprint parts."""
     (root / name / "data").mkdir(parents=True)
     table = pa.table(
@@ -23,12 +25,12 @@ def cache_entry(root: Path, name: str, potential: list, chosen, rejected) -> Non
             "pair_id": list(range(len(chosen))),
             "chosen_ids": [[1] * len(p) for p in chosen],
             "rejected_ids": [[1] * len(p) for p in rejected],
-            "chosen_potentials": chosen,
-            "rejected_potentials": rejected,
+            schema.CHOSEN_POTENTIALS: chosen,
+            schema.REJECTED_POTENTIALS: rejected,
         }
     )
     pq.write_table(table, root / name / "data" / "part-0.parquet")
-    parts = {"potential": json.dumps(potential)}
+    parts = {"reference": "{}"} if potential is None else {"teacher": json.dumps(potential)}
     (root / name / "_fingerprint.json").write_text(json.dumps(parts))
 
 
@@ -38,9 +40,9 @@ def test_teacher_signal_compares_summed_centred_potentials(tmp_path):
     # Pair 2: the same values: a tie, counted as not agreeing.
     chosen = [[1.0, 2.0, 3.0], [10.0, 10.0], [0.0, 1.0]]
     rejected = [[1.0, 0.0], [0.0, 0.5], [0.0, 1.0]]
-    # Fingerprint "potential" parts: [kind, tau, q, normalize, beta_T, top_k, uses_teacher].
-    implicit = ["implicit_reward", 1, 1, False, 0.1, 0, True]
-    no_teacher = ["soft_value", 1, 1, False, 0.1, 0, False]
+    # The teacher's spec as its fingerprint part records it (fields an entry is keyed on).
+    implicit = {"potential": "implicit_reward", "tau": 1.0, "q_scale": 1.0, "top_k": 0}
+    no_teacher = None  # an entry of a DPO run: reference log-probs only
     cache_entry(tmp_path, "eval-a", implicit, chosen, rejected)
     cache_entry(tmp_path, "eval-b", no_teacher, chosen, rejected)
     cache_entry(tmp_path, "train-c", implicit, chosen, rejected)

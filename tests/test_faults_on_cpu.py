@@ -17,8 +17,9 @@ import pytest
 import torch
 from support import error_lines, free_port, mlflow_server, run_cli
 
-from actors.teacher import TeacherPotentials
-from actors.trainer import drop_nonfinite
+from actors.lockstep import drop_nonfinite
+from actors.teacher import TeacherPotentials, TeacherSpec
+from tvkd_ray import schema
 from tvkd_ray.config import load_config
 from tvkd_ray.data import tokenize_batch
 from tvkd_ray.errors import DataError
@@ -59,13 +60,13 @@ def _pairs(mentions_zebra: list[bool]) -> pa.Table:
 
 def test_nonfinite_teacher_potentials_are_named_or_skipped(nan_teacher):
     mentions = [False, True, False, False, True, False]
-    scored = TeacherPotentials(nan_teacher)(_pairs(mentions))
+    scored = TeacherPotentials(TeacherSpec(nan_teacher))(_pairs(mentions))
     with pytest.raises(DataError, match=r"not finite for pair_id 1, 4;"):
         drop_nonfinite(scored, "error")
     kept, dropped = drop_nonfinite(scored, "skip")
     assert dropped == 2
     assert kept.column("pair_id").to_pylist() == [0, 2, 3, 5]
-    for name in ("chosen_potentials", "rejected_potentials"):
+    for name in (schema.CHOSEN_POTENTIALS, schema.REJECTED_POTENTIALS):
         values = np.concatenate(kept.column(name).to_numpy(zero_copy_only=False))
         assert np.isfinite(values).all()
 
@@ -74,8 +75,8 @@ def test_nonfinite_reference_logps_are_caught_too():
     table = pa.table(
         {
             "pair_id": pa.array([7, 8], pa.int64()),
-            "ref_chosen_logps": pa.array([-3.0, float("-inf")], pa.float32()),
-            "ref_rejected_logps": pa.array([-4.0, -2.0], pa.float32()),
+            schema.REF_CHOSEN_LOGPS: pa.array([-3.0, float("-inf")], pa.float32()),
+            schema.REF_REJECTED_LOGPS: pa.array([-4.0, -2.0], pa.float32()),
         }
     )
     with pytest.raises(DataError, match="pair_id 8;"):

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tvkd_ray.loss import (
+    Sides,
     TVKDLossOutput,
     bc_loss,
     kd_loss,
@@ -262,12 +263,9 @@ def test_preference_metrics_on_worked_example():
     assert isinstance(out, TVKDLossOutput)
     metrics = preference_metrics(
         out,
-        ex["policy_chosen_logps"],
-        ex["policy_rejected_logps"],
-        ex["chosen_potentials"],
-        ex["chosen_mask"],
-        ex["rejected_potentials"],
-        ex["rejected_mask"],
+        policy_logps=Sides(ex["policy_chosen_logps"], ex["policy_rejected_logps"]),
+        potentials=Sides(ex["chosen_potentials"], ex["rejected_potentials"]),
+        masks=Sides(ex["chosen_mask"], ex["rejected_mask"]),
     )
     expected = {
         "loss": 0.668685,
@@ -290,7 +288,8 @@ def test_preference_metrics_on_worked_example():
         assert metrics[name] == pytest.approx(value, abs=1e-6), name
 
     dpo = tvkd_loss(**ex, beta=0.1, alpha=0.0, gamma=0.9)
-    without = preference_metrics(dpo, ex["policy_chosen_logps"], ex["policy_rejected_logps"])
+    policy = Sides(ex["policy_chosen_logps"], ex["policy_rejected_logps"])
+    without = preference_metrics(dpo, policy_logps=policy)
     assert "tvkd/potential_mean" not in without
     assert without["tvkd/shaping_chosen"] == 0.0
     assert without["tvkd/shaped_margins"] == pytest.approx(0.05, abs=1e-6)

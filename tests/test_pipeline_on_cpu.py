@@ -20,9 +20,11 @@ from test_actors_on_cpu import (  # noqa: E402
     direct_token_logps,
 )
 
-from tvkd_ray import pipeline  # noqa: E402
+from tvkd_ray import schema  # noqa: E402
 from tvkd_ray.config import load_config  # noqa: E402
 from tvkd_ray.data import load_pairs, tokenize_batch  # noqa: E402
+from tvkd_ray.driver import cache as score_cache  # noqa: E402
+from tvkd_ray.driver import inputs, pools, streams  # noqa: E402
 from tvkd_ray.errors import ResourceError  # noqa: E402
 from tvkd_ray.models import load_model, load_tokenizer  # noqa: E402
 
@@ -54,6 +56,7 @@ def make_config(train_file, output_dir):
                 f"data.train_path={train_file}",
                 "data.eval_path=null",
                 "teacher.cache=none",
+                "reference.cache=none",
                 *overrides,
             ],
         )
@@ -61,16 +64,16 @@ def make_config(train_file, output_dir):
     return make
 
 
-def build_streams(cfg, paths) -> pipeline.Streams:
+def build_streams(cfg, paths) -> streams.Streams:
     """The pipeline as ``fit`` runs it: tokenizers and pairs checked first, then the plan."""
-    data = pipeline.load_data(cfg, pipeline.check_tokenizers(cfg))
-    return pipeline.build_streams(cfg, paths, data)
+    data = inputs.load_data(cfg, inputs.check_tokenizers(cfg))
+    return streams.build_streams(cfg, paths, data)
 
 
 def consume(ds) -> pa.Table:
     """All rows of a dataset through ``iter_batches``, sorted by pair_id."""
     batches = list(ds.iter_batches(batch_size=8, batch_format="pyarrow"))
-    return pa.concat_tables(batches).sort_by("pair_id")
+    return pa.concat_tables(batches).sort_by(schema.PAIR_ID)
 
 
 def assert_every_pair_once_with_direct_values(rows: pa.Table, cfg, paths) -> None:
@@ -97,15 +100,16 @@ def assert_every_pair_once_with_direct_values(rows: pa.Table, cfg, paths) -> Non
     )
     reference = load_model(paths.reference).eval()
     ref_logps = direct_columns(rows, lambda p, r: direct_token_logps(reference, p, r).sum())
-    for side in ("chosen", "rejected"):
-        assert_lists_close(rows.column(f"{side}_potentials"), potentials[side])
-        got = torch.tensor(rows.column(f"ref_{side}_logps").to_pylist())
+    sides = zip(("chosen", "rejected"), schema.POTENTIALS, schema.REF_LOGPS, strict=True)
+    for side, potentials_column, ref_column in sides:
+        assert_lists_close(rows.column(potentials_column), potentials[side])
+        got = torch.tensor(rows.column(ref_column).to_pylist())
         torch.testing.assert_close(got, torch.stack(ref_logps[side]), rtol=1e-5, atol=1e-5)
 
 
 def test_stream_delivers_every_pair_once_with_direct_values(ray_cluster, make_config):
     cfg = make_config()
-    paths = pipeline.prepare_models(cfg)
+    paths = inputs.prepare_models(cfg)
     streams = build_streams(cfg, paths)
     assert streams.eval is None and streams.num_train_pairs == NUM_PAIRS
     rows = consume(streams.train)
@@ -119,12 +123,18 @@ def test_teacher_cache_reuses_matching_parquet_and_recomputes_on_change(
     ray_cluster, make_config, tmp_path, monkeypatch, caplog
 ):
     cache = tmp_path / "teacher-cache"
-    cfg = make_config(f"teacher.cache={cache}")
-    paths = pipeline.prepare_models(cfg)
-    # Counts the teacher/reference plans built: the only place their actor pools come from.
+    in_cache = [f"teacher.cache={cache}", f"reference.cache={cache}"]  # one entry for both
+    cfg = make_config(*in_cache)
+    paths = inputs.prepare_models(cfg)
+    # Counts the teacher pools planned: the only place their actors come from.
     plans = []
-    scored = pipeline._scored
-    monkeypatch.setattr(pipeline, "_scored", lambda *args: plans.append(args) or scored(*args))
+    through_pool = pools.through_pool
+
+    def counted(ds, role):
+        plans.extend([role] if role.name == "teacher" else [])
+        return through_pool(ds, role)
+
+    monkeypatch.setattr(pools, "through_pool", counted)
 
     build_streams(cfg, paths)  # a miss computes and writes the entry right here
     assert len(plans) == 1
@@ -132,7 +142,7 @@ def test_teacher_cache_reuses_matching_parquet_and_recomputes_on_change(
     assert (entry / "_fingerprint.json").is_file() and list(entry.glob("data/*.parquet"))
     # Cache entries are read straight from Parquet; only the reuse below goes through Ray, as
     # each Ray read costs start-up time here.
-    first = pq.read_table(entry / "data").sort_by("pair_id")
+    first = pq.read_table(entry / "data").sort_by(schema.PAIR_ID)
     assert_every_pair_once_with_direct_values(first, cfg, paths)
 
     again = build_streams(cfg, paths).train
@@ -142,26 +152,26 @@ def test_teacher_cache_reuses_matching_parquet_and_recomputes_on_change(
     assert second.equals(first)
 
     # Another seed reshuffles the same pairs: it shares the entry, in its own order.
-    reseeded = make_config(f"teacher.cache={cache}", "run.seed=7")
-    data = pipeline.load_data(reseeded, pipeline.check_tokenizers(reseeded))
-    stream = pipeline.build_streams(reseeded, paths, data).train
+    reseeded = make_config(*in_cache, "run.seed=7")
+    data = inputs.load_data(reseeded, inputs.check_tokenizers(reseeded))
+    stream = streams.build_streams(reseeded, paths, data).train
     assert len(plans) == 1 and list(cache.glob("train-*")) == [entry]
     arrived = pa.concat_tables(stream.iter_batches(batch_size=8, batch_format="pyarrow"))
-    assert arrived["pair_id"].to_pylist() == data.train["pair_id"].to_pylist()
-    assert arrived.sort_by("pair_id").equals(first)
+    assert arrived[schema.PAIR_ID].to_pylist() == data.train[schema.PAIR_ID].to_pylist()
+    assert arrived.sort_by(schema.PAIR_ID).equals(first)
 
-    changed = make_config(f"teacher.cache={cache}", "loss.tau=2.0")
-    with caplog.at_level(logging.INFO, logger=pipeline.logger.name):
+    changed = make_config(*in_cache, "loss.tau=2.0")
+    with caplog.at_level(logging.INFO, logger=score_cache.logger.name):
         build_streams(changed, paths)
     assert len(plans) == 2
     entries = set(cache.glob("train-*"))
     assert entry in entries and len(entries) == 2, "a changed setting needs its own entry"
     misses = [r.getMessage() for r in caplog.records if "teacher cache miss" in r.getMessage()]
-    assert len(misses) == 1 and "potential changed" in misses[0], caplog.text
+    assert len(misses) == 1 and "teacher changed" in misses[0], caplog.text
     (new_entry,) = entries - {entry}
-    third = pq.read_table(new_entry / "data").sort_by("pair_id")
+    third = pq.read_table(new_entry / "data").sort_by(schema.PAIR_ID)
     assert_every_pair_once_with_direct_values(third, changed, paths)
-    assert not third.column("chosen_potentials").equals(first.column("chosen_potentials"))
+    assert not third.column(schema.CHOSEN_POTENTIALS).equals(first.column(schema.CHOSEN_POTENTIALS))
 
 
 @pytest.mark.faults
@@ -170,7 +180,7 @@ def test_dead_teacher_actor_is_restarted_and_every_pair_arrives_once(
 ):
     cfg = make_config()
     assert cfg.teacher.max_restarts >= 1 and NUM_PAIRS > 2 * cfg.teacher.batch_size
-    paths = pipeline.prepare_models(cfg)
+    paths = inputs.prepare_models(cfg)
     marker = arm_fault("teacher", 2)  # exits (os._exit) on its 2nd batch, once
     rows = consume(build_streams(cfg, paths).train)
     assert marker.exists(), "the teacher actor never crashed"
@@ -183,6 +193,6 @@ def test_unsatisfiable_gpu_request_names_the_teacher_pool(ray_cluster, make_conf
     cfg = make_config("teacher.num_gpus_per_actor=1")
     started = time.monotonic()
     with pytest.raises(ResourceError) as error:
-        pipeline.check_resources(cfg)
+        pools.check_resources(cfg)
     assert time.monotonic() - started < 60
     assert "teacher pool" in str(error.value) and "GPU" in str(error.value)

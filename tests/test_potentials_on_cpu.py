@@ -10,7 +10,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tvkd_ray.api import ACTOR_ALLOCATOR_ENV
 from tvkd_ray.potentials import (
     implicit_reward_potentials,
     soft_value,
@@ -19,6 +18,7 @@ from tvkd_ray.potentials import (
     token_logps_from_hidden,
     topk_logps_from_hidden,
 )
+from tvkd_ray.runtime import ACTOR_ALLOCATOR_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 

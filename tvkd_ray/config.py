@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -35,12 +35,6 @@ def _field(default: Any, help: str, **kwargs: Any) -> Any:
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
-
-
-def _check_pool(section: str, num_actors: int, cpus: float, gpus: float) -> None:
-    _require(num_actors >= 1, f"{section}.num_actors", f"must be >= 1, got {num_actors}")
-    _require(cpus > 0, f"{section}.num_cpus_per_actor", f"must be > 0, got {cpus}")
-    _require(gpus >= 0, f"{section}.num_gpus_per_actor", f"must be >= 0, got {gpus}")
 
 
 @dataclass
@@ -90,10 +84,14 @@ class StudentConfig:
         "random initialisation from the base model's config with run.seed.",
     )
     dtype: Literal["auto", "float32", "bfloat16"] = _field(
-        "auto", "Weights dtype; auto is float32 on CPU and bfloat16 autocast on GPU."
+        "auto",
+        "Weights dtype; auto is float32 on CPU and bfloat16 autocast on GPU. The reference (and "
+        "the teacher) score as the student computes unless they set their own.",
     )
     trust_remote_code: bool = _field(
-        False, "Allow model repositories to run their own code (off by default for safety)."
+        False,
+        "Allow the student's model repository to run its own code (off by default for safety); "
+        "the teacher and reference follow it unless they set their own.",
     )
 
     def __post_init__(self) -> None:
@@ -104,59 +102,82 @@ class StudentConfig:
         )
 
 
+CACHE_HELP = (
+    "none: score every epoch; memory: score once and keep the results in the object store; a "
+    "directory path: write Parquet keyed by a fingerprint of the data, tokenizer, models and "
+    "settings, and reuse it when it matches."
+)
+
+
 @dataclass
-class ReferenceConfig:
+class PoolConfig:
+    """Knobs every frozen-model actor pool has (the teacher's and the reference's); unset model
+    settings are as the student's."""
+
+    SECTION: ClassVar[str] = "pool"
+
+    model: str | None = _field(None, "Model (preset, local directory or hub id).")
+    dtype: Literal["auto", "float32", "bfloat16"] | None = _field(
+        None, "Weights dtype (auto: float32 on CPU, bfloat16 on GPU); null: as student.dtype."
+    )
+    trust_remote_code: bool | None = _field(
+        None, "Allow the model repository to run its own code; null: as the student."
+    )
+    num_actors: int = _field(1, "Actors in the pool.")
+    num_cpus_per_actor: float = _field(1.0, "CPUs reserved by each actor.")
+    num_gpus_per_actor: float = _field(
+        0.0, "GPUs reserved by each actor; above 1 the model is spread over them (device_map)."
+    )
+    batch_size: int = _field(
+        8, "Pairs per forward pass; the largest of the running pools' is the streamed block."
+    )
+    max_restarts: int = _field(3, "Times a dead actor of this pool is restarted.")
+    cache: str = _field("memory", CACHE_HELP)
+
+    def __post_init__(self) -> None:
+        section = self.SECTION
+        actors, cpus, gpus = self.num_actors, self.num_cpus_per_actor, self.num_gpus_per_actor
+        _require(actors >= 1, f"{section}.num_actors", f"must be >= 1, got {actors}")
+        _require(cpus > 0, f"{section}.num_cpus_per_actor", f"must be > 0, got {cpus}")
+        _require(gpus >= 0, f"{section}.num_gpus_per_actor", f"must be >= 0, got {gpus}")
+        _require(self.batch_size >= 1, f"{section}.batch_size", "must be >= 1")
+        _require(self.max_restarts >= 0, f"{section}.max_restarts", "must be >= 0")
+        _require(bool(self.cache.strip()), f"{section}.cache", "must be none, memory or a path")
+
+
+@dataclass
+class ReferenceConfig(PoolConfig):
     """The frozen reference model pi_ref, served by its own actor pool."""
+
+    SECTION: ClassVar[str] = "reference"
 
     model: str | None = _field(
         None, "Reference model; null means the student's initial weights (the usual DPO setup)."
     )
-    num_actors: int = _field(1, "Reference actors in the pool.")
-    num_cpus_per_actor: float = _field(1.0, "CPUs reserved by each reference actor.")
-    num_gpus_per_actor: float = _field(0.0, "GPUs reserved by each reference actor.")
-    batch_size: int = _field(8, "Pairs per reference forward pass.")
-
-    def __post_init__(self) -> None:
-        _check_pool("reference", self.num_actors, self.num_cpus_per_actor, self.num_gpus_per_actor)
-        _require(self.batch_size >= 1, "reference.batch_size", "must be >= 1")
+    cache: str = _field("memory", f"Reference log-probs: {CACHE_HELP}")
 
 
 @dataclass
-class TeacherConfig:
+class TeacherConfig(PoolConfig):
     """The large teacher whose value function gives the potentials, served by its own actors."""
+
+    SECTION: ClassVar[str] = "teacher"
 
     model: str | None = _field(
         "smollm2-135m-instruct", "Teacher model (preset, local directory or hub id)."
     )
+    cache: str = _field("memory", f"Teacher potentials (and top-k): {CACHE_HELP}")
     ref_model: str | None = _field(
         None,
         "The teacher's pre-DPO checkpoint; required by loss.potential = implicit_reward.",
     )
-    dtype: Literal["auto", "float32", "bfloat16"] = _field(
-        "auto", "Teacher dtype; auto is float32 on CPU and bfloat16 on GPU."
-    )
-    num_actors: int = _field(1, "Teacher actors in the pool.")
-    num_cpus_per_actor: float = _field(1.0, "CPUs reserved by each teacher actor.")
-    num_gpus_per_actor: float = _field(
-        0.0, "GPUs per teacher actor; above 1 the teacher is spread over them (device_map)."
-    )
-    batch_size: int = _field(8, "Pairs per teacher forward pass.")
     top_k: int = _field(32, "Teacher top-k tokens streamed for loss.kd_weight > 0.")
     beta: float = _field(0.1, "beta_T of the implicit_reward potential.")
-    cache: str = _field(
-        "memory",
-        "none: stream potentials every epoch; memory: compute once and keep them in the object "
-        "store; a directory path: write Parquet keyed by a fingerprint and reuse it when it "
-        "matches. The reference log-probs are cached alongside.",
-    )
-    max_restarts: int = _field(3, "Times a dead teacher or reference actor is restarted.")
 
     def __post_init__(self) -> None:
-        _check_pool("teacher", self.num_actors, self.num_cpus_per_actor, self.num_gpus_per_actor)
-        _require(self.batch_size >= 1, "teacher.batch_size", "must be >= 1")
+        super().__post_init__()
         _require(self.top_k >= 1, "teacher.top_k", "must be >= 1")
         _require(self.beta > 0, "teacher.beta", f"must be > 0, got {self.beta}")
-        _require(self.max_restarts >= 0, "teacher.max_restarts", "must be >= 0")
 
 
 @dataclass
@@ -354,9 +375,18 @@ class TVKDConfig:
         return self.run.stage == "tvkd" and (self.loss.alpha > 0 or self.loss.kd_weight > 0)
 
     @property
-    def alpha(self) -> float:
-        """The shaping strength actually used: 0 unless run.stage is tvkd."""
-        return self.loss.alpha if self.run.stage == "tvkd" else 0.0
+    def uses_reference(self) -> bool:
+        """Whether reference actors run: every stage but sft."""
+        return self.run.stage != "sft"
+
+    def pools(self) -> dict[str, PoolConfig]:
+        """The frozen-model pools this run starts, by section name, in pipeline order."""
+        pools: dict[str, PoolConfig] = {}
+        if self.uses_teacher:
+            pools["teacher"] = self.teacher
+        if self.uses_reference:
+            pools["reference"] = self.reference
+        return pools
 
     @property
     def run_dir(self) -> Path:

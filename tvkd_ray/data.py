@@ -24,7 +24,9 @@ import pyarrow.parquet as pq
 import ray.data
 import torch
 
+from tvkd_ray import schema
 from tvkd_ray.errors import DataError
+from tvkd_ray.loss import Sides
 from tvkd_ray.models import load_tokenizer
 
 FORMATS = ("auto", "standard", "conversational", "implicit_prompt")
@@ -42,30 +44,12 @@ CHAT_TEMPLATE_ERROR = "chat_template_error"
 INVALID_UTF8 = "invalid_utf8"
 INVALID_JSON = "invalid_json"
 
-PAIRS_SCHEMA = pa.schema(
-    [
-        ("pair_id", pa.int64()),
-        ("prompt", pa.string()),
-        ("chosen", pa.string()),
-        ("rejected", pa.string()),
-    ]
-)
-TOKENIZED_SCHEMA = pa.schema(
-    [
-        ("pair_id", pa.int64()),
-        ("prompt_ids", pa.list_(pa.int32())),
-        ("chosen_ids", pa.list_(pa.int32())),
-        ("rejected_ids", pa.list_(pa.int32())),
-        ("prompt_truncated", pa.bool_()),
-        ("response_truncated", pa.bool_()),
-    ]
-)
 _READ_BATCH_ROWS = 1024
 
 
 @dataclass
 class LoadedPairs:
-    """Normalised pairs (``PAIRS_SCHEMA``) and what was dropped on the way."""
+    """Normalised pairs (``schema.PAIRS``) and what was dropped on the way."""
 
     table: pa.Table
     source: str
@@ -350,7 +334,7 @@ def load_pairs(
     tokenizer: Any = None,
     on_invalid: str = "error",
 ) -> LoadedPairs:
-    """Read and validate preference pairs into ``PAIRS_SCHEMA`` (SPEC §4).
+    """Read and validate preference pairs into ``schema.PAIRS`` (SPEC §4).
 
     ``source`` is a JSONL file (gzip detected by suffix or magic bytes), a Parquet file, a saved
     Hugging Face dataset directory or a ``ray.data.Dataset``. ``format`` is one of ``FORMATS``;
@@ -374,7 +358,7 @@ def load_pairs(
             "pass a tokenizer that has one"
         )
     normalise = _NORMALISERS[format]
-    columns: dict[str, list] = {column: [] for column in PAIRS_SCHEMA.names}
+    columns: dict[str, list] = {column: [] for column in schema.PAIRS.names}
     skipped: Counter[str] = Counter()
     for where, index, row in rows:
         try:
@@ -387,14 +371,14 @@ def load_pairs(
                 raise DataError(f"{name}, {where}{field_part}: {invalid.problem}") from None
             skipped[invalid.reason] += 1
             continue
-        for column, value in zip(PAIRS_SCHEMA.names, pair):
+        for column, value in zip(schema.PAIRS.names, pair):
             columns[column].append(value)
-    kept = len(columns["pair_id"])
+    kept = len(columns[schema.PAIR_ID])
     if kept == 0 and not skipped:
         raise DataError(f"{name}: contains no rows")
     if kept == 0:
         raise DataError(f"{name}: all {sum(skipped.values())} rows are invalid ({dict(skipped)})")
-    table = pa.table(columns, schema=PAIRS_SCHEMA)
+    table = pa.table(columns, schema=schema.PAIRS)
     return LoadedPairs(table=table, source=name, format=format, skipped=dict(skipped))
 
 
@@ -408,7 +392,7 @@ def _truncate_right(ids: list[int], budget: int) -> tuple[list[int], bool]:
 def tokenize_batch(
     table: pa.Table, tokenizer: Any, *, max_length: int, max_prompt_length: int
 ) -> pa.Table:
-    """Tokenise normalised pairs into ``TOKENIZED_SCHEMA``.
+    """Tokenise normalised pairs into ``schema.TOKENIZED``.
 
     Each text column is encoded in one batched call without special tokens; EOS is appended to
     responses. Prompts longer than ``max_prompt_length`` keep their last tokens; responses are cut
@@ -420,27 +404,28 @@ def tokenize_batch(
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token to end responses with")
     if table.num_rows == 0:
-        return TOKENIZED_SCHEMA.empty_table()
+        return schema.TOKENIZED.empty_table()
 
     def encode(column: str) -> list[list[int]]:
         texts = table.column(column).to_pylist()
         return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     eos = [tokenizer.eos_token_id]
-    columns: dict[str, list] = {name: [] for name in TOKENIZED_SCHEMA.names}
-    columns["pair_id"] = table.column("pair_id")
-    for prompt, chosen, rejected in zip(encode("prompt"), encode("chosen"), encode("rejected")):
+    columns: dict[str, list] = {name: [] for name in schema.TOKENIZED.names}
+    columns[schema.PAIR_ID] = table.column(schema.PAIR_ID)
+    texts = (encode(schema.PROMPT), encode(schema.CHOSEN), encode(schema.REJECTED))
+    for prompt, chosen, rejected in zip(*texts):
         prompt_cut = len(prompt) > max_prompt_length
         prompt = prompt[-max_prompt_length:] if prompt_cut else prompt
         budget = max_length - len(prompt)
         chosen, chosen_cut = _truncate_right(chosen + eos, budget)
         rejected, rejected_cut = _truncate_right(rejected + eos, budget)
-        columns["prompt_ids"].append(prompt)
-        columns["chosen_ids"].append(chosen)
-        columns["rejected_ids"].append(rejected)
-        columns["prompt_truncated"].append(prompt_cut)
-        columns["response_truncated"].append(chosen_cut or rejected_cut)
-    return pa.table(columns, schema=TOKENIZED_SCHEMA)
+        columns[schema.PROMPT_IDS].append(prompt)
+        columns[schema.CHOSEN_IDS].append(chosen)
+        columns[schema.REJECTED_IDS].append(rejected)
+        columns[schema.PROMPT_TRUNCATED].append(prompt_cut)
+        columns[schema.RESPONSE_TRUNCATED].append(chosen_cut or rejected_cut)
+    return pa.table(columns, schema=schema.TOKENIZED)
 
 
 class _TokenizeBatches:
@@ -489,32 +474,56 @@ def truncation_counts(table: pa.Table) -> dict[str, int]:
     """Rows whose prompt / response was truncated (logged to MLflow)."""
     return {
         name: int(table.column(name).to_numpy(zero_copy_only=False).sum())
-        for name in ("prompt_truncated", "response_truncated")
+        for name in (schema.PROMPT_TRUNCATED, schema.RESPONSE_TRUNCATED)
     }
 
 
 # --------------------------------------------------------------------------------------- collate
 
 
+@dataclass
+class PairBatch:
+    """One forward batch of B pairs as 2B rows: chosen rows, then rejected rows, each prompt then
+    response, right-padded (docs/ARCHITECTURE.md "Collated batch")."""
+
+    input_ids: torch.Tensor  # [2B, L] int64
+    attention_mask: torch.Tensor  # [2B, L] int64
+    response_mask: torch.Tensor  # [2B, L] bool: positions holding a response token
+    potentials: torch.Tensor | None = None  # [2B, L] float32 at response positions
+    ref_logps: torch.Tensor | None = None  # [2B] float32
+    pair_id: torch.Tensor | None = None  # [B] int64
+
+    @property
+    def n_pairs(self) -> int:
+        return self.input_ids.shape[0] // 2
+
+    def sides(self, rows: torch.Tensor) -> Sides:
+        """A 2B-row tensor of this batch split into its chosen and rejected halves."""
+        return Sides.split(rows, self.n_pairs)
+
+    def to(self, device) -> PairBatch:
+        moved = {k: v if v is None else v.to(device) for k, v in vars(self).items()}
+        return PairBatch(**moved)
+
+
 def _ids(rows: Any) -> list[np.ndarray]:
     return [np.asarray(row, dtype=np.int64) for row in rows]
 
 
-def collate(batch: pa.Table | dict[str, Any], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Build the 2B-row forward batch of docs/ARCHITECTURE.md "Collated batch".
+def collate(batch: pa.Table | dict[str, Any], pad_token_id: int) -> PairBatch:
+    """Build the 2B-row :class:`PairBatch` of B tokenised pairs.
 
-    ``batch`` holds B tokenised pairs as a pyarrow Table or a dict of columns (e.g. Ray Data's
-    ``iter_batches(batch_format="numpy")``). Rows are chosen pairs then rejected pairs, each prompt
-    then response, right-padded with ``pad_token_id``. ``potentials`` (when the batch has teacher
-    columns) sits at the positions where ``response_mask`` is true; ``ref_logps`` and ``pair_id``
-    are added when present.
+    ``batch`` is a pyarrow Table or a dict of columns (e.g. Ray Data's
+    ``iter_batches(batch_format="numpy")``). ``potentials`` (when the batch has teacher columns)
+    sits at the positions where ``response_mask`` is true; ``ref_logps`` and ``pair_id`` are set
+    when present.
     """
     if isinstance(batch, pa.Table):
         batch = {
             name: batch.column(name).to_numpy(zero_copy_only=False) for name in batch.column_names
         }
-    prompts = _ids(batch["prompt_ids"]) * 2
-    responses = _ids(batch["chosen_ids"]) + _ids(batch["rejected_ids"])
+    prompts = _ids(batch[schema.PROMPT_IDS]) * 2
+    responses = _ids(batch[schema.CHOSEN_IDS]) + _ids(batch[schema.REJECTED_IDS])
     prompt_lengths = np.array([len(ids) for ids in prompts])
     response_lengths = np.array([len(ids) for ids in responses])
     lengths = prompt_lengths + response_lengths
@@ -524,21 +533,21 @@ def collate(batch: pa.Table | dict[str, Any], pad_token_id: int) -> dict[str, to
     # Row-major boolean assignment fills each row's valid positions with its tokens in order.
     input_ids = np.full(attention.shape, pad_token_id, dtype=np.int64)
     input_ids[attention] = np.concatenate([ids for pair in zip(prompts, responses) for ids in pair])
-    out = {
-        "input_ids": torch.from_numpy(input_ids),
-        "attention_mask": torch.from_numpy(attention.astype(np.int64)),
-        "response_mask": torch.from_numpy(response_mask),
-    }
-    if "chosen_potentials" in batch:
-        rows = [*batch["chosen_potentials"], *batch["rejected_potentials"]]
+    out = PairBatch(
+        input_ids=torch.from_numpy(input_ids),
+        attention_mask=torch.from_numpy(attention.astype(np.int64)),
+        response_mask=torch.from_numpy(response_mask),
+    )
+    if schema.CHOSEN_POTENTIALS in batch:
+        rows = [*batch[schema.CHOSEN_POTENTIALS], *batch[schema.REJECTED_POTENTIALS]]
         if [len(row) for row in rows] != response_lengths.tolist():
             raise ValueError("potentials must hold one value per response token")
         potentials = np.zeros(attention.shape, dtype=np.float32)
         potentials[response_mask] = np.concatenate([np.asarray(row) for row in rows])
-        out["potentials"] = torch.from_numpy(potentials)
-    if "ref_chosen_logps" in batch:
-        ref = np.concatenate([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
-        out["ref_logps"] = torch.from_numpy(ref.astype(np.float32))
-    if "pair_id" in batch:
-        out["pair_id"] = torch.tensor(np.asarray(batch["pair_id"], dtype=np.int64))
+        out.potentials = torch.from_numpy(potentials)
+    if schema.REF_CHOSEN_LOGPS in batch:
+        ref = np.concatenate([batch[schema.REF_CHOSEN_LOGPS], batch[schema.REF_REJECTED_LOGPS]])
+        out.ref_logps = torch.from_numpy(ref.astype(np.float32))
+    if schema.PAIR_ID in batch:
+        out.pair_id = torch.tensor(np.asarray(batch[schema.PAIR_ID], dtype=np.int64))
     return out

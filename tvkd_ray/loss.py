@@ -117,19 +117,30 @@ def kd_loss(
     return torch.where(mask, kl, 0.0).sum() / mask.sum().clamp(min=1)
 
 
+@dataclass(frozen=True)
+class Sides:
+    """One tensor for the chosen and one for the rejected responses of the same B pairs."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+
+    @classmethod
+    def split(cls, rows: torch.Tensor, n_pairs: int) -> "Sides":
+        """The two halves of a 2B-row tensor whose chosen rows come first."""
+        return cls(rows[:n_pairs], rows[n_pairs:])
+
+
 def preference_metrics(
     out: TVKDLossOutput,
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    chosen_potentials: torch.Tensor | None = None,
-    chosen_mask: torch.Tensor | None = None,
-    rejected_potentials: torch.Tensor | None = None,
-    rejected_mask: torch.Tensor | None = None,
+    *,
+    policy_logps: Sides,
+    potentials: Sides | None = None,
+    masks: Sides | None = None,
 ) -> dict[str, float]:
     """SPEC §2.5 metrics of one batch as python floats (means over its pairs).
 
-    ``tvkd/potential_mean`` (mean raw Φ over the masked positions given) is present only when
-    potentials are given.
+    ``tvkd/potential_mean`` (mean raw Φ over the masked positions of both sides) is present only
+    when ``potentials`` and their ``masks`` are given.
     """
     metrics = {
         "loss": out.loss.item(),
@@ -137,21 +148,17 @@ def preference_metrics(
         "rewards/rejected": out.rejected_rewards.mean().item(),
         "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean().item(),
         "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean().item(),
-        "logps/chosen": policy_chosen_logps.detach().mean().item(),
-        "logps/rejected": policy_rejected_logps.detach().mean().item(),
+        "logps/chosen": policy_logps.chosen.detach().mean().item(),
+        "logps/rejected": policy_logps.rejected.detach().mean().item(),
         "tvkd/shaping_chosen": out.chosen_shaping.mean().item(),
         "tvkd/shaping_rejected": out.rejected_shaping.mean().item(),
         "tvkd/shaped_margins": out.margins.mean().item(),
         "tvkd/shaped_accuracies": (out.margins > 0).float().mean().item(),
     }
-    given = [
-        (phi, mask)
-        for phi, mask in ((chosen_potentials, chosen_mask), (rejected_potentials, rejected_mask))
-        if phi is not None
-    ]
-    if given:
-        total = sum(torch.where(mask, phi.float(), 0.0).sum() for phi, mask in given)
-        count = sum(mask.sum() for _, mask in given)
+    if potentials is not None and masks is not None:
+        sides = ((potentials.chosen, masks.chosen), (potentials.rejected, masks.rejected))
+        total = sum(torch.where(mask, phi.float(), 0.0).sum() for phi, mask in sides)
+        count = masks.chosen.sum() + masks.rejected.sum()
         metrics["tvkd/potential_mean"] = (total / count.clamp(min=1)).item()
     return metrics
 

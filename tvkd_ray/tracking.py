@@ -109,7 +109,8 @@ class RunLogger:
     """Logs metrics to one MLflow run from the rank-0 worker; failures only warn.
 
     After ``MAX_FAILURES`` failed calls in a row logging is switched off for the rest of the run,
-    so an unreachable server costs a few timeouts, not a stall at every step.
+    so an unreachable server costs a few timeouts (short ones in processes that apply
+    ``runtime.MLFLOW_CLIENT_ENV``, as the trainers do), not a stall at every step.
     """
 
     MAX_FAILURES = 3
@@ -118,9 +119,6 @@ class RunLogger:
         self.run_id = run_id
         self._client = None
         self._failures = 0
-        # MLflow's HTTP client retries for minutes by default; training must not wait that long.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         if uri and run_id:
             try:
                 import mlflow

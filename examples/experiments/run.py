@@ -46,6 +46,9 @@ HH_FILE = REPO.parent / "shared" / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz
 BUNDLED = REPO / "examples" / "data" / "bundled"
 TRAIN_LINES = 1800  # the fixed split of the issue: first 1,800 train, last 200 test
 EVAL_KEYS = ("eval/rewards/accuracies", "eval/rewards/margins", "eval/loss")
+sys.path.insert(0, str(REPO))  # run as a script from a checkout
+
+from tvkd_ray import schema  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -206,11 +209,14 @@ def cache_key_of(overrides: list[str]) -> tuple:
     return (potential, stage, kd)
 
 
-def potential_spec(entry: Path) -> tuple[str, int, bool]:
-    """(kind, top_k, uses_teacher) of a cache entry, from its fingerprint's "potential" part:
-    [kind, tau, q, normalize, beta_T, top_k, uses_teacher]."""
-    spec = json.loads(json.loads((entry / "_fingerprint.json").read_text())["potential"])
-    return spec[0], spec[5], spec[6]
+def potential_spec(entry: Path) -> tuple[str, int] | None:
+    """(potential kind, top_k) of the teacher that scored a cache entry, from the teacher's spec
+    in its fingerprint; None for an entry no teacher scored."""
+    parts = json.loads((entry / "_fingerprint.json").read_text())
+    if "teacher" not in parts:
+        return None
+    spec = json.loads(parts["teacher"])
+    return spec["potential"], spec["top_k"]
 
 
 def teacher_signal(cache: Path, gamma: float = 0.9) -> list[dict]:
@@ -221,13 +227,15 @@ def teacher_signal(cache: Path, gamma: float = 0.9) -> list[dict]:
 
     rows = []
     for entry in sorted(cache.glob("eval-*")):
-        kind, top_k, uses_teacher = potential_spec(entry)
-        if not uses_teacher:
+        teacher = potential_spec(entry)
+        if teacher is None:
             continue
+        kind, top_k = teacher
         table = pq.read_table(entry / "data")
         sums, means = {}, {}
         for side in ("chosen", "rejected"):
-            centred = [np.asarray(p) - p[0] for p in table[f"{side}_potentials"].to_pylist()]
+            column = schema.CHOSEN_POTENTIALS if side == "chosen" else schema.REJECTED_POTENTIALS
+            centred = [np.asarray(p) - p[0] for p in table[column].to_pylist()]
             sums[side] = np.array([c.sum() if len(c) else 0.0 for c in centred])
             means[side] = np.array([c.mean() if len(c) else 0.0 for c in centred])
         lengths = {s: np.array([len(x) for x in table[f"{s}_ids"].to_pylist()]) for s in sums}
@@ -334,9 +342,9 @@ def plot_shaping(path: Path, cache: Path, tokenizer_path: str, gamma: float, pai
     tokenizer = load_tokenizer(tokenizer_path)
     entries = []
     for entry in sorted(cache.glob("eval-*")):
-        kind, top_k, uses_teacher = potential_spec(entry)
-        if uses_teacher and not top_k:  # teacher potentials without top-k: one per kind
-            entries.append((kind, pq.read_table(entry / "data").sort_by("pair_id")))
+        teacher = potential_spec(entry)
+        if teacher is not None and not teacher[1]:  # potentials without top-k: one per kind
+            entries.append((teacher[0], pq.read_table(entry / "data").sort_by(schema.PAIR_ID)))
     fig, axes = plt.subplots(
         pairs, len(entries), figsize=(7 * len(entries), 2.6 * pairs), squeeze=False
     )
@@ -344,13 +352,16 @@ def plot_shaping(path: Path, cache: Path, tokenizer_path: str, gamma: float, pai
         for row in range(min(pairs, table.num_rows)):
             ax = axes[row][col]
             for side, colour in (("chosen", "tab:green"), ("rejected", "tab:red")):
-                phi = np.asarray(table[f"{side}_potentials"][row].as_py(), dtype=np.float64)
+                column = (
+                    schema.CHOSEN_POTENTIALS if side == "chosen" else schema.REJECTED_POTENTIALS
+                )
+                phi = np.asarray(table[column][row].as_py(), dtype=np.float64)
                 phi = phi - phi[0]
                 shaped = gamma * np.append(phi[1:], 0.0) - phi
                 ax.plot(shaped, color=colour, lw=1, label=f"{side} (S={shaped.sum():.2f})")
             ids = table["chosen_ids"][row].as_py()[:12]
             ax.set_title(
-                f"{kind}, test pair {table['pair_id'][row].as_py()}: chosen starts "
+                f"{kind}, test pair {table[schema.PAIR_ID][row].as_py()}: chosen starts "
                 f"{tokenizer.decode(ids)!r}"[:110],
                 fontsize=8,
             )
@@ -417,6 +428,7 @@ def main() -> int:
             f"student.model={runner.runs / f'{prefix}-student-sft' / 'model'}",
             f"teacher.model={teacher_path}",
             f"teacher.cache={cache / prefix}",
+            f"reference.cache={cache / prefix}",  # the same entries: one per teacher setting
             f"data.train_path={train}",
             f"data.eval_path={evaluation}",
             f"train.epochs={plan.student_epochs}",

@@ -1,0 +1,84 @@
+"""What a student worker saves and restores: Ray Train checkpoints that let a resumed run go on
+exactly where it stopped (SPEC §5), and the final Hugging Face model directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tvkd_ray.errors import CheckpointError
+
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainState:
+    """The counters a checkpoint carries besides the weights and optimiser."""
+
+    step: int = 0
+    epoch: int = 0
+    num_tokens: int = 0
+    mlflow_run_id: str | None = None
+
+
+def save_checkpoint(directory: Path, model, optimizer, scheduler, state: TrainState, consumed):
+    """Weights, optimiser, scheduler, RNG, counters and the pair ids of this epoch trained so
+    far (``consumed``), so a resumed epoch skips exactly those."""
+    from safetensors.torch import save_model
+
+    save_model(model, str(directory / "model.safetensors"))  # handles tied embeddings
+    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    torch.save(scheduler.state_dict(), directory / "scheduler.pt")
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, directory / "rng.pt")
+    np.save(directory / "consumed_pair_ids.npy", consumed)
+    (directory / STATE_FILE).write_text(json.dumps(asdict(state)))
+
+
+def load_checkpoint(
+    directory: Path, model, optimizer, scheduler, origin: str
+) -> tuple[TrainState, np.ndarray]:
+    """Restore training state; a damaged file gives a CheckpointError naming it in ``origin``
+    (the checkpoint's storage path; ``directory`` may be a local copy of it)."""
+    from safetensors.torch import load_model as load_weights_into
+
+    current = None
+    try:
+        current = directory / STATE_FILE
+        state = TrainState(**json.loads(current.read_text()))
+        current = directory / "model.safetensors"
+        load_weights_into(model, str(current))
+        current = directory / "optimizer.pt"
+        optimizer.load_state_dict(torch.load(current, weights_only=True))
+        current = directory / "scheduler.pt"
+        scheduler.load_state_dict(torch.load(current, weights_only=True))
+        current = directory / "rng.pt"
+        rng = torch.load(current, weights_only=True)
+        current = directory / "consumed_pair_ids.npy"
+        consumed = np.load(current, allow_pickle=False)
+    except Exception as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise CheckpointError(
+            f"checkpoint file {Path(origin) / current.name} is corrupted or truncated ({reason}); "
+            f"restore it, or start over by deleting {Path(origin).parent} or choosing a new "
+            "run.name"
+        ) from None
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    return state, consumed
+
+
+def save_hf_model(model, tokenizer, model_dir: Path) -> None:
+    """Final model as a Hugging Face directory (safetensors) with its tokenizer, atomically."""
+    tmp = model_dir.with_name(model_dir.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    os.replace(tmp, model_dir)

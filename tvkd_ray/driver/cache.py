@@ -1,0 +1,117 @@
+"""The Parquet cache of scored pairs (``<section>.cache: <directory>``): entries keyed by a
+fingerprint of everything the scores depend on, so reruns, other seeds and later epochs reuse the
+teacher's and the reference's work; a miss says which part changed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray.data
+
+from tvkd_ray import schema
+from tvkd_ray.config import TVKDConfig
+from tvkd_ray.driver.pools import Role
+
+logger = logging.getLogger(__name__)
+FINGERPRINT_FILE = "_fingerprint.json"
+
+
+def model_id(path: str | None) -> str:
+    """A model directory by content, not modification time: every run rebuilds its
+    student_init (the default reference), and the cache must survive that."""
+    if path is None:
+        return "none"
+    h = hashlib.sha256()
+    for f in sorted(Path(path).glob("*")):
+        if f.suffix in (".json", ".safetensors", ".txt", ".model", ".jinja"):
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                while chunk := fh.read(16 * 2**20):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def fingerprint(cfg: TVKDConfig, tokenizer: str, table: pa.Table, scored: list[Role]) -> dict:
+    """What the scored columns depend on, each part hashed on its own so that a miss can say
+    which part changed: the pairs, the tokenizer and lengths, and each role's spec."""
+    # By the set of pairs, not their order: run.seed reshuffles the same pairs, and seeds of one
+    # experiment must share the teacher's work.
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table.sort_by(schema.PAIR_ID))
+    parts = {
+        "data": hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()[:16],
+        "tokenizer": model_id(tokenizer),
+        "lengths": f"{cfg.data.max_length}/{cfg.data.max_prompt_length}",
+    }
+    for role in scored:
+        fields = role.spec.output_fields()
+        fields.update({k: model_id(fields[k]) for k in role.spec.MODELS})
+        parts[role.name] = json.dumps(fields, sort_keys=True)
+    return parts
+
+
+@dataclass
+class ScoreCache:
+    """The entry ``<root>/<split>-<key>`` of one stream."""
+
+    root: Path
+    split: str
+    parts: dict[str, str]
+    rows_per_block: int
+
+    @property
+    def target(self) -> Path:
+        key = hashlib.sha256(json.dumps(self.parts, sort_keys=True).encode()).hexdigest()[:20]
+        return self.root / f"{self.split}-{key}"
+
+    @property
+    def exists(self) -> bool:
+        return (self.target / FINGERPRINT_FILE).exists()
+
+    def write(self, scored: ray.data.Dataset) -> None:
+        """Run ``scored`` and write it as this entry (atomically: a stopped write leaves none)."""
+        self._warn_miss()
+        target = self.target
+        tmp = self.root / f".{target.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        scored.write_parquet(str(tmp / "data"))
+        (tmp / FINGERPRINT_FILE).write_text(json.dumps(self.parts, indent=1))
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+
+    def read(self, pair_ids: pa.ChunkedArray) -> ray.data.Dataset:
+        """The entry's rows in the order of ``pair_ids`` (this run's shuffle). The driver already
+        holds these pairs' text; their scored rows are of the same order of size, and reading
+        them here is faster than starting a Ray Data read."""
+        logger.info("teacher cache: %s", self.target)
+        rows = pq.read_table(self.target / "data")
+        rows = rows.take(pc.index_in(pair_ids, value_set=rows[schema.PAIR_ID]))
+        return blocks(rows, self.rows_per_block)
+
+    def _warn_miss(self) -> None:
+        entries = self.root.glob(f"{self.split}-*/{FINGERPRINT_FILE}")
+        previous = sorted(entries, key=lambda p: p.stat().st_mtime)
+        if previous:
+            old = json.loads(previous[-1].read_text())
+            changed = sorted(k for k in self.parts if old.get(k) != self.parts[k])
+            logger.warning(
+                "teacher cache miss for %s: %s changed since %s; recomputing",
+                self.split,
+                ", ".join(changed) or "format",
+                previous[-1].parent.name,
+            )
+
+
+def blocks(table: pa.Table, rows_per_block: int) -> ray.data.Dataset:
+    """A dataset of several blocks, so the actor pools stream and share the work."""
+    slices = [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
+    return ray.data.from_arrow(slices or [table])

@@ -1,0 +1,113 @@
+"""The Python API: ``tvkd_ray.fit(config, train_dataset=None, eval_dataset=None)``.
+
+Order of work, cheapest checks first: config validation, the MLflow store, the tokenizers, every
+data row (read and validated on the driver); then Ray and the cluster's resources, the student's
+initial weights, the teacher/reference actor pools and the Ray Train run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from tvkd_ray import runtime, tracking
+from tvkd_ray.config import TVKDConfig, config_from_dict, load_config
+from tvkd_ray.driver import inputs, launch
+from tvkd_ray.driver.pools import check_resources, resource_demand
+from tvkd_ray.driver.streams import build_streams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FitResult:
+    """What a run produced."""
+
+    metrics: dict[str, float]
+    model_dir: str
+    checkpoint_dir: str | None
+    run_dir: str
+    mlflow_run_id: str | None
+    tracking_uri: str | None
+    data_report: dict[str, Any] = field(default_factory=dict)
+
+
+def as_config(config: TVKDConfig | dict | str | os.PathLike) -> TVKDConfig:
+    """A validated config from a TVKDConfig, a nested dict or a YAML path."""
+    if isinstance(config, TVKDConfig):
+        config.validate()
+        return config
+    if isinstance(config, dict):
+        return config_from_dict(config)
+    return load_config(config)
+
+
+def ensure_ray(cfg: TVKDConfig) -> bool:
+    """Attach to a running Ray, or start a local one; return True when this call started it."""
+    if ray.is_initialized():
+        return False
+    runtime.set_defaults(runtime.RAY_ENV)
+    if os.environ.get("RAY_ADDRESS"):
+        # Under `ray job submit` (or an explicit address): attach; the job's runtime env rules.
+        ray.init()
+        return True
+    # Logical CPUs are over-committed on purpose: the pools' processes share the cores, and an
+    # exact count would leave an actor pool waiting on a small machine (SPEC §9). Twice the
+    # demand lets the eval stream start while the train stream's pools are still winding down.
+    needed = sum(d["CPU"] for d in resource_demand(cfg).values())
+    ray.init(
+        address="local",
+        num_cpus=max(os.cpu_count() or 1, 2 * math.ceil(needed) + 1),
+        include_dashboard=False,
+        runtime_env={"env_vars": runtime.cluster_env_vars()},
+    )
+    return True
+
+
+def fit(config, train_dataset=None, eval_dataset=None) -> FitResult:
+    """Train a student with TVKD (or DPO / SFT, by ``run.stage``) and return what it produced.
+
+    ``config`` is a :class:`TVKDConfig`, a nested dict or a YAML path. ``train_dataset`` and
+    ``eval_dataset`` may be ``ray.data.Dataset`` s of preference rows (any SPEC §4 format); they
+    replace ``data.train_path`` / ``data.eval_path``. Ray is started only when not already
+    running, and then shut down at the end.
+    """
+    cfg = as_config(config)
+    # Cheap checks first: tracking store, tokenizers, every data row; then Ray and the models.
+    uri = tracking.tracking_uri(cfg) if cfg.tracking.enabled else None
+    if uri:
+        tracking.check_reachable(uri)
+    tokenizer = inputs.check_tokenizers(cfg)
+    data = inputs.load_data(cfg, tokenizer, train_dataset, eval_dataset)
+    started = ensure_ray(cfg)
+    try:
+        check_resources(cfg)
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        paths = inputs.prepare_models(cfg)
+        streams = build_streams(cfg, paths, data)
+        run_id = tracking.open_run(cfg, {f"data.{k}": v for k, v in streams.data_report.items()})
+        try:
+            spec = launch.trainer_spec(cfg, paths, streams, uri, run_id)
+            result = launch.run_trainers(cfg, spec, streams)
+        except BaseException as exc:
+            # A stopped run is KILLED (rerun to resume), anything else FAILED.
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            tracking.RunLogger(uri, run_id).set_status(status)
+            raise
+        return FitResult(
+            metrics=dict(result.metrics or {}),
+            model_dir=spec.model_dir,
+            checkpoint_dir=result.checkpoint.path if result.checkpoint is not None else None,
+            run_dir=str(cfg.run_dir),
+            mlflow_run_id=run_id,
+            tracking_uri=uri,
+            data_report=streams.data_report,
+        )
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,122 @@
+"""What a run reads before any Ray work: the tokenizers (checked against each other), the models
+(resolved to local directories, the student's initial weights built) and every data row
+(validated and shuffled on the driver)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from tvkd_ray.config import TVKDConfig
+from tvkd_ray.data import load_pairs
+from tvkd_ray.errors import ConfigError, DataError
+from tvkd_ray.models import (
+    build_student,
+    check_tokenizers_compatible,
+    load_tokenizer,
+    resolve_model,
+)
+
+
+@dataclass
+class ModelPaths:
+    """Local directories of every model the run uses (presets materialised, student built)."""
+
+    student_init: str
+    reference: str
+    tokenizer: str
+    teacher: str | None = None
+    teacher_ref: str | None = None
+
+
+@dataclass
+class PairData:
+    """Validated, shuffled pair tables, ready to be tokenised and scored."""
+
+    train: pa.Table
+    eval: pa.Table | None
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def check_tokenizers(cfg: TVKDConfig):
+    """Load the student's tokenizer and check every other model's matches it (SPEC §4), before
+    any model work; returns the student's tokenizer."""
+    student_name = cfg.student.tokenizer or cfg.student.model
+    student_tok = load_tokenizer(student_name)
+    others = {"reference": cfg.reference.model}
+    if cfg.uses_teacher:
+        others["teacher"] = cfg.teacher.model
+        if cfg.loss.potential == "implicit_reward":
+            others["teacher.ref_model"] = cfg.teacher.ref_model
+    for role, name in others.items():
+        if name is not None:
+            check_tokenizers_compatible(
+                load_tokenizer(name),
+                student_tok,
+                f"{role} tokenizer '{name}'",
+                f"student tokenizer '{student_name}'",
+            )
+    return student_tok
+
+
+def prepare_models(cfg: TVKDConfig) -> ModelPaths:
+    """Resolve every model to a local directory and build the student's initial weights."""
+    student_init = build_student(
+        cfg.student.model,
+        str(cfg.run_dir / "student_init"),
+        num_layers=cfg.student.num_layers,
+        init=cfg.student.init,
+        seed=cfg.run.seed,
+    )
+    paths = ModelPaths(
+        student_init=student_init,
+        reference=resolve_model(cfg.reference.model) if cfg.reference.model else student_init,
+        tokenizer=resolve_model(cfg.student.tokenizer) if cfg.student.tokenizer else student_init,
+    )
+    if cfg.uses_teacher:
+        paths.teacher = resolve_model(cfg.teacher.model)
+        if cfg.loss.potential == "implicit_reward":
+            paths.teacher_ref = resolve_model(cfg.teacher.ref_model)
+    return paths
+
+
+def load_data(cfg: TVKDConfig, tokenizer, train_dataset=None, eval_dataset=None) -> PairData:
+    """Read and validate every pair (SPEC §4) before any model or Ray work; a bad row stops the
+    run here, naming its file, row and field."""
+    train_source = train_dataset if train_dataset is not None else cfg.data.train_path
+    if train_source is None:
+        raise ConfigError("data.train_path: no training data (set it or pass train_dataset)")
+    train, report = _source_table(cfg, train_source, tokenizer)
+    eval_table = None
+    eval_source = eval_dataset if eval_dataset is not None else cfg.data.eval_path
+    if eval_source is not None:
+        eval_table, eval_report = _source_table(cfg, eval_source, tokenizer)
+        report.update({f"eval_{k}": v for k, v in eval_report.items()})
+        _check_same_format(report, eval_report)
+    # A fixed shuffle (run.seed) so resumed and repeated runs see the same order.
+    train = train.take(pa.array(np.random.default_rng(cfg.run.seed).permutation(train.num_rows)))
+    if eval_table is None and cfg.data.eval_fraction > 0:
+        n_eval = max(1, int(round(train.num_rows * cfg.data.eval_fraction)))
+        eval_table, train = train.slice(0, n_eval), train.slice(n_eval)
+    return PairData(train=train, eval=eval_table, report=report)
+
+
+def _source_table(cfg: TVKDConfig, source, tokenizer) -> tuple[pa.Table, dict[str, Any]]:
+    loaded = load_pairs(
+        source, format=cfg.data.format, tokenizer=tokenizer, on_invalid=cfg.data.on_invalid
+    )
+    report = {"source": loaded.source, "format": loaded.format, "pairs": loaded.table.num_rows}
+    report.update({f"skipped/{reason}": n for reason, n in loaded.skipped.items()})
+    return loaded.table, report
+
+
+def _check_same_format(train_report: dict, eval_report: dict) -> None:
+    if train_report["format"] != eval_report["format"]:
+        raise DataError(
+            f"{eval_report['source']}: eval data is in {eval_report['format']} format but the "
+            f"training data ({train_report['source']}) is {train_report['format']}; "
+            "use one format (or set data.format explicitly)"
+        )

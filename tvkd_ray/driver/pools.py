@@ -1,0 +1,118 @@
+"""The teacher and reference actor pools: one spec per role (built from its config section, the
+actors' arguments and the cache fingerprint both derive from it), the resources every pool asks
+for, and the Ray Data operator that runs a pool."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ray
+import ray.data
+
+from actors.inference import FrozenModel, FrozenModelSpec
+from actors.reference import ReferenceLogps
+from actors.teacher import TeacherPotentials, TeacherSpec
+from tvkd_ray import runtime
+from tvkd_ray.config import PoolConfig, TVKDConfig
+from tvkd_ray.driver.inputs import ModelPaths
+from tvkd_ray.errors import ResourceError
+
+TOKENIZE_CPUS = 0.5  # tokenising is light; a fractional share keeps it beside the model pools
+
+
+@dataclass(frozen=True)
+class Role:
+    """One frozen-model pool of a run: its config section, actor class and spec."""
+
+    name: str
+    actor: type[FrozenModel]
+    spec: FrozenModelSpec
+    pool: PoolConfig
+
+
+def _model_fields(cfg: TVKDConfig, pool: PoolConfig, model: str) -> dict:
+    """A pool's model and placement; unset dtype / trust_remote_code are the student's."""
+    trust = pool.trust_remote_code
+    return {
+        "model": model,
+        "dtype": pool.dtype or cfg.student.dtype,
+        "trust_remote_code": cfg.student.trust_remote_code if trust is None else trust,
+        "num_gpus": pool.num_gpus_per_actor,
+        "num_threads": max(1, int(pool.num_cpus_per_actor)),
+        "idle_priority": True,  # on CPU, the trainers come first
+    }
+
+
+def roles(cfg: TVKDConfig, paths: ModelPaths) -> list[Role]:
+    """The pools this run starts, in pipeline order (teacher, then reference)."""
+    found = []
+    if cfg.uses_teacher:
+        loss, teacher = cfg.loss, cfg.teacher
+        spec = TeacherSpec(
+            **_model_fields(cfg, teacher, paths.teacher),
+            potential=loss.potential,
+            tau=loss.tau,
+            q_scale=loss.q_scale,
+            normalize=loss.potential_normalize,
+            ref_model=paths.teacher_ref,
+            beta=teacher.beta,
+            top_k=teacher.top_k if loss.kd_weight > 0 else 0,
+        )
+        found.append(Role("teacher", TeacherPotentials, spec, teacher))
+    if cfg.uses_reference:
+        spec = FrozenModelSpec(**_model_fields(cfg, cfg.reference, paths.reference))
+        found.append(Role("reference", ReferenceLogps, spec, cfg.reference))
+    return found
+
+
+def resource_demand(cfg: TVKDConfig) -> dict[str, dict[str, float]]:
+    """CPUs and GPUs each pool asks for, by pool name."""
+    train = cfg.train
+    demand = {
+        "train workers": {
+            "CPU": train.num_workers * train.num_cpus_per_worker,
+            "GPU": float(train.num_workers if train.use_gpu else 0),
+        },
+        "tokenizer pool": {"CPU": TOKENIZE_CPUS, "GPU": 0.0},
+    }
+    for name, pool in cfg.pools().items():
+        demand[f"{name} pool"] = {
+            "CPU": pool.num_actors * pool.num_cpus_per_actor,
+            "GPU": pool.num_actors * pool.num_gpus_per_actor,
+        }
+    return demand
+
+
+def check_resources(cfg: TVKDConfig) -> None:
+    """Fail in seconds, naming the pool, when the cluster cannot hold every pool at once (a
+    request Ray cannot satisfy would otherwise wait forever)."""
+    available = ray.cluster_resources()
+    demand = resource_demand(cfg)
+    for kind in ("GPU", "CPU"):
+        total = sum(d[kind] for d in demand.values())
+        have = float(available.get(kind, 0.0))
+        if total > have + 1e-9:
+            parts = ", ".join(f"{name} {d[kind]:g}" for name, d in demand.items() if d[kind] > 0)
+            raise ResourceError(
+                f"the cluster has {have:g} {kind}s but the run needs {total:g} ({parts}); "
+                f"lower the per-pool {kind} settings or add nodes"
+            )
+
+
+def through_pool(ds: ray.data.Dataset, role: Role) -> ray.data.Dataset:
+    """``ds`` through a fixed-size pool of the role's actors with the pool's resources; dead
+    actors are restarted (``<section>.max_restarts``) and their batches retried."""
+    pool = role.pool
+    return ds.map_batches(
+        role.actor,
+        fn_constructor_kwargs={"spec": role.spec},
+        batch_size=pool.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=pool.num_actors),
+        num_cpus=pool.num_cpus_per_actor,
+        num_gpus=pool.num_gpus_per_actor,
+        runtime_env={"env_vars": runtime.ACTOR_ALLOCATOR_ENV},  # merged into the job's env_vars
+        max_restarts=pool.max_restarts,
+        max_task_retries=-1,
+        udf_modifying_row_count=False,
+    )
