@@ -38,7 +38,7 @@ class FrozenModelSpec:
     dtype: str = "auto"
     trust_remote_code: bool = False
     num_gpus: float = 0.0
-    num_threads: int = 1
+    num_threads: int | None = None  # torch threads of the actor's process; None: torch's own
     # On CPU the actors share cores with the trainers, and Ray Data lets them run ahead: at equal
     # priority they slowed the trainer's step, the critical path, 1.7-2x (docs/BENCHMARKS.md).
     # Under SCHED_IDLE they take only the cycles left over.

@@ -11,7 +11,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from tvkd_ray import runtime  # noqa: E402  (imports neither ray nor transformers)
 
 # Set before ray/transformers are imported anywhere in the test session.
-runtime.set_defaults(runtime.PRIVATE_CLUSTER_ENV)
+runtime.set_defaults(runtime.TEST_CLUSTER_ENV)
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests never log to a developer's server
 
 import pytest  # noqa: E402

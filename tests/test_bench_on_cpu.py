@@ -1,4 +1,5 @@
-"""Smoke test of the benchmark script (SPEC §7): it runs, prints its table and writes its JSON.
+"""The benchmark script (SPEC §7): its baseline runs the library's own step, and the script runs,
+prints its table and writes its JSON.
 
 Only the quickest suite runs here (payload, ~30 s); the figures themselves are benchmarks, not
 timed tests, and come from ``python jobs/bench.py`` on a quiet machine (docs/BENCHMARKS.md).
@@ -13,8 +14,17 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "jobs" / "bench.py"
+sys.path.insert(0, str(REPO / "jobs"))  # the suites' package, as jobs/bench.py imports it
 
-pytestmark = pytest.mark.slow
+from benchmarks.bare import bare_loop, bare_summary  # noqa: E402
+from benchmarks.common import QUICK, Bench  # noqa: E402
+
+from actors.inference import FrozenModelSpec  # noqa: E402
+from actors.reference import ReferenceLogps  # noqa: E402
+from actors.teacher import TeacherPotentials, TeacherSpec  # noqa: E402
+from tvkd_ray.forward import ResponseLogps  # noqa: E402
+from tvkd_ray.models import load_model, load_tokenizer, resolve_model  # noqa: E402
+from tvkd_ray.step import Objective, StudentStep  # noqa: E402
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess:
@@ -27,6 +37,44 @@ def _bench(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.fixture
+def tiny_bench(tmp_path) -> Bench:
+    """A Bench on the tiny test models instead of the 49k-vocabulary bench models."""
+    models = {"teacher": resolve_model("tiny-teacher"), "student": resolve_model("tiny-student")}
+    return Bench(QUICK, tmp_path, tmp_path, models=models)
+
+
+def _library_step(bench: Bench, cfg, table):
+    """(loss, sums) of the trainer's StudentStep on ``table`` scored by the actor classes."""
+    teacher, student = bench.model("teacher"), bench.model("student")
+    if cfg.uses_teacher:
+        table = TeacherPotentials(TeacherSpec(teacher, dtype="float32"))(table)
+    table = ReferenceLogps(FrozenModelSpec(student, dtype="float32"))(table)
+    policy = ResponseLogps(load_model(student)).train()
+    pad_id = load_tokenizer(student).pad_token_id
+    return StudentStep(Objective.from_config(cfg), policy, pad_id, "cpu")(table)
+
+
+@pytest.mark.parametrize("stage", ["tvkd", "dpo"])
+def test_bare_loop_trains_with_the_library_step(tiny_bench, stage):
+    cfg = tiny_bench.config("test", [f"run.stage={stage}"])
+    table = tiny_bench.batches()[0]
+    precompute = stage == "dpo"  # as the trl suite runs it
+    records = bare_loop(tiny_bench, [table], cfg, threads=1, precompute_reference=precompute)
+
+    loss, sums = _library_step(tiny_bench, cfg, table)
+    (record,) = records
+    assert record["loss"] == pytest.approx(loss.item(), rel=1e-6)
+    assert record["tokens"] == sums["tokens"] > 0
+    stages = ["reference", "student", "total"] if stage == "tvkd" else ["student", "total"]
+    stages = (["teacher"] if stage == "tvkd" else []) + stages
+    assert list(record["seconds"]) == stages
+    summary = bare_summary(records, warmup=0)
+    assert summary["batches_measured"] == 1 and summary["tokens_per_s"] > 0
+    assert list(summary["seconds"]) == stages
+
+
+@pytest.mark.slow
 def test_quick_payload_suite_prints_and_writes_its_figures(tmp_path):
     proc = _bench("--quick", "--suites", "payload", "--out-dir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -50,6 +98,7 @@ def test_quick_payload_suite_prints_and_writes_its_figures(tmp_path):
     assert bundled["potentials + top-32"]["arrow_bytes_per_token"] > 10 * potentials
 
 
+@pytest.mark.slow
 def test_unknown_suite_is_refused_before_any_work(tmp_path):
     proc = _bench("--suites", "payload,nope", "--out-dir", str(tmp_path))
     assert proc.returncode == 2
