@@ -154,8 +154,9 @@ class StudentTrainer:
                 break
             window.add(*step)
             if self._report_due():
-                self._report_window(window)
-                window = MetricWindow()
+                # A new window from here: eval, logging and checkpoints count in the next one.
+                finished, window = window, MetricWindow()
+                self._report_window(finished)
         ids = self.lockstep.trained_ids()
         nonfinite = self.collective.sum([float(reader.nonfinite)])[0]
         if self.collective.rank == 0:
@@ -168,6 +169,7 @@ class StudentTrainer:
         if not self.done:
             self.state.epoch += 1
             self.consumed = np.zeros(0, dtype=np.int64)
+            self.lockstep = None  # nothing of the new epoch is trained yet
 
     def optimizer_step(self) -> tuple[dict[str, float], float] | None:
         """Accumulate ``grad_accum`` micro-batches and update: the step's metric sums and

@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import tvkd_ray  # noqa: E402
+from tvkd_ray import schema  # noqa: E402
 from tvkd_ray.config import load_config  # noqa: E402
 from tvkd_ray.data import collate, tokenize_batch  # noqa: E402
 from tvkd_ray.forward import ResponseLogps, row_sums  # noqa: E402
@@ -64,7 +65,7 @@ def main() -> None:
     result = tvkd_ray.fit(cfg, train_dataset=train)
     print(f"trained {result.model_dir} (MLflow run {result.mlflow_run_id})")
 
-    scored = held_out.add_column("pair_id", lambda batch: np.arange(len(batch)))
+    scored = held_out.add_column(schema.PAIR_ID, lambda batch: np.arange(len(batch)))
     scored = scored.map_batches(
         PreferenceScorer,
         fn_constructor_kwargs={

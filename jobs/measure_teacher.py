@@ -94,7 +94,7 @@ def payload(tables: list[pa.Table], teacher_dir: str) -> dict[str, float]:
     of their Arrow IPC stream (framing and schema included, as the object store holds blocks)."""
     teacher = TeacherPotentials(TeacherSpec(teacher_dir, top_k=TOP_K, dtype="float32"))
     outs = [teacher(table) for table in tables]
-    tokens = sum(count(table, "chosen_ids", "rejected_ids") for table in tables)
+    tokens = sum(count(table, schema.CHOSEN_IDS, schema.REJECTED_IDS) for table in tables)
     modes = {
         "potentials only": [schema.CHOSEN_POTENTIALS, schema.REJECTED_POTENTIALS],
         f"potentials + top-{TOP_K}": [
@@ -167,7 +167,9 @@ def speed(tables: list[pa.Table], teacher_dir: str, rounds: int) -> dict[str, fl
     for _ in range(rounds):
         for table in tables:
             # Each pair is two sequences, both starting with the prompt.
-            tokens = 2 * count(table, "prompt_ids") + count(table, "chosen_ids", "rejected_ids")
+            tokens = 2 * count(table, schema.PROMPT_IDS) + count(
+                table, schema.CHOSEN_IDS, schema.REJECTED_IDS
+            )
             for name, run in paths.items():
                 start = time.perf_counter()
                 run(table)

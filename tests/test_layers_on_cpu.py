@@ -27,10 +27,12 @@ def project_files() -> list[Path]:
 
 
 def _module_file(dotted: str, importer: Path) -> Path | None:
-    """The project file a module name means, from the repository root or (for scripts that put
-    their own folder on sys.path) from the importer's folder; None for other packages."""
+    """The project file a module name means, from the repository root or from a folder between
+    it and the importer (scripts put their own folder on sys.path, e.g. jobs/ for the bench
+    suites); None for other packages."""
     parts = dotted.split(".")
-    for base in (REPO, importer.parent):
+    folders = [p for p in importer.parents if p.is_relative_to(REPO)]
+    for base in (REPO, *folders):
         candidate = base.joinpath(*parts)
         for path in (candidate.with_suffix(".py"), candidate / "__init__.py"):
             if path.is_file() and path.resolve().is_relative_to(REPO):
@@ -69,6 +71,11 @@ def test_the_walker_sees_the_known_imports(graph):
     assert REPO / "tvkd_ray" / "driver" / "fit.py" in graph[FRONT_DOOR]
     assert REPO / "tvkd_ray" / "schema.py" in graph[REPO / "actors" / "teacher.py"]
     assert REPO / "actors" / "trainer.py" in graph[REPO / "tvkd_ray" / "driver" / "launch.py"]
+    suite = graph[REPO / "jobs" / "benchmarks" / "payload.py"]  # a script's own folder
+    assert {
+        REPO / "jobs" / "benchmarks" / "common.py",
+        REPO / "jobs" / "measure_teacher.py",
+    } <= suite
 
 
 def test_every_import_runs_down_a_floor(graph):

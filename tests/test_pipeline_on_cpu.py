@@ -166,12 +166,38 @@ def test_teacher_cache_reuses_matching_parquet_and_recomputes_on_change(
     assert len(plans) == 2
     entries = set(cache.glob("train-*"))
     assert entry in entries and len(entries) == 2, "a changed setting needs its own entry"
-    misses = [r.getMessage() for r in caplog.records if "teacher cache miss" in r.getMessage()]
+    misses = [r.getMessage() for r in caplog.records if "score cache miss" in r.getMessage()]
     assert len(misses) == 1 and "teacher changed" in misses[0], caplog.text
     (new_entry,) = entries - {entry}
     third = pq.read_table(new_entry / "data").sort_by(schema.PAIR_ID)
     assert_every_pair_once_with_direct_values(third, changed, paths)
     assert not third.column(schema.CHOSEN_POTENTIALS).equals(first.column(schema.CHOSEN_POTENTIALS))
+
+
+def test_each_pool_keeps_its_own_cache(ray_cluster, make_config, tmp_path, monkeypatch):
+    """A Parquet cache for the reference, none for the teacher: the reference scores once into
+    its entry (no teacher columns there), the teacher streams on top of the cached rows, and a
+    second build reads the entry and plans the teacher alone."""
+    cache = tmp_path / "reference-cache"
+    cfg = make_config(f"reference.cache={cache}")  # teacher.cache stays none
+    paths = inputs.prepare_models(cfg)
+    planned = []
+    through_pool = pools.through_pool
+
+    def counted(ds, role):
+        planned.append(role.name)
+        return through_pool(ds, role)
+
+    monkeypatch.setattr(pools, "through_pool", counted)
+    build_streams(cfg, paths)
+    (entry,) = cache.glob("train-*")
+    stored = pq.read_table(entry / "data").column_names
+    assert schema.REF_CHOSEN_LOGPS in stored and schema.CHOSEN_POTENTIALS not in stored
+    assert planned == ["reference", "teacher"]  # the cached pool first
+    planned.clear()
+    again = build_streams(cfg, paths)
+    assert planned == ["teacher"]
+    assert_every_pair_once_with_direct_values(consume(again.train), cfg, paths)
 
 
 @pytest.mark.faults

@@ -206,11 +206,13 @@ def _shared_prefix_length(a: str | list, b: str | list) -> int:
 
 def _pair_id(row: dict[str, Any], index: int) -> int:
     """A pair_id the source brings (e.g. a Ray Dataset column) is kept, else the row index."""
-    value = row.get("pair_id")
+    value = row.get(schema.PAIR_ID)
     if value is None:
         return index
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _InvalidRow(WRONG_TYPE, "pair_id", f"expected an integer, got {type(value).__name__}")
+        raise _InvalidRow(
+            WRONG_TYPE, schema.PAIR_ID, f"expected an integer, got {type(value).__name__}"
+        )
     return value
 
 

@@ -74,7 +74,7 @@ class StudentStep:
         self.device = torch.device(device)
 
     def __call__(self, table: pa.Table) -> tuple[torch.Tensor, dict[str, float]]:
-        """(mean loss over the table's pairs, metric sums over them, ``pairs`` among them)."""
+        """(mean loss over the table's pairs, metric sums over them; ``pairs`` among the sums)."""
         batch = collate(table, self.pad_id).to(self.device)
         if self.objective.stage == "sft":
             return self._sft(batch)

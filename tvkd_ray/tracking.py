@@ -110,7 +110,7 @@ class RunLogger:
 
     After ``MAX_FAILURES`` failed calls in a row logging is switched off for the rest of the run,
     so an unreachable server costs a few timeouts (short ones in processes that apply
-    ``runtime.MLFLOW_CLIENT_ENV``, as the trainers do), not a stall at every step.
+    ``runtime.MLFLOW_CLIENT_ENV``, as ``fit`` and the trainers do), not a stall at every step.
     """
 
     MAX_FAILURES = 3
@@ -150,12 +150,6 @@ class RunLogger:
         now = int(time.time() * 1000)
         batch = [mlflow.entities.Metric(k, float(v), now, step) for k, v in metrics.items()]
         self._safely("log_metrics", self._client and self._client.log_batch, self.run_id, batch)
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        for key, value in params.items():
-            self._safely(
-                "log_param", self._client and self._client.log_param, self.run_id, key, str(value)
-            )
 
     def set_tag(self, key: str, value: str) -> None:
         self._safely("set_tag", self._client and self._client.set_tag, self.run_id, key, value)

@@ -238,7 +238,8 @@ def teacher_signal(cache: Path, gamma: float = 0.9) -> list[dict]:
             centred = [np.asarray(p) - p[0] for p in table[column].to_pylist()]
             sums[side] = np.array([c.sum() if len(c) else 0.0 for c in centred])
             means[side] = np.array([c.mean() if len(c) else 0.0 for c in centred])
-        lengths = {s: np.array([len(x) for x in table[f"{s}_ids"].to_pylist()]) for s in sums}
+        ids = {"chosen": schema.CHOSEN_IDS, "rejected": schema.REJECTED_IDS}
+        lengths = {s: np.array([len(x) for x in table[ids[s]].to_pylist()]) for s in sums}
         diff = sums["chosen"] - sums["rejected"]
         rows.append(
             {
@@ -359,7 +360,7 @@ def plot_shaping(path: Path, cache: Path, tokenizer_path: str, gamma: float, pai
                 phi = phi - phi[0]
                 shaped = gamma * np.append(phi[1:], 0.0) - phi
                 ax.plot(shaped, color=colour, lw=1, label=f"{side} (S={shaped.sum():.2f})")
-            ids = table["chosen_ids"][row].as_py()[:12]
+            ids = table[schema.CHOSEN_IDS][row].as_py()[:12]
             ax.set_title(
                 f"{kind}, test pair {table[schema.PAIR_ID][row].as_py()}: chosen starts "
                 f"{tokenizer.decode(ids)!r}"[:110],

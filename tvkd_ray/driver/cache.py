@@ -92,7 +92,7 @@ class ScoreCache:
         """The entry's rows in the order of ``pair_ids`` (this run's shuffle). The driver already
         holds these pairs' text; their scored rows are of the same order of size, and reading
         them here is faster than starting a Ray Data read."""
-        logger.info("teacher cache: %s", self.target)
+        logger.info("score cache: reading %s", self.target)
         rows = pq.read_table(self.target / "data")
         rows = rows.take(pc.index_in(pair_ids, value_set=rows[schema.PAIR_ID]))
         return blocks(rows, self.rows_per_block)
@@ -104,7 +104,7 @@ class ScoreCache:
             old = json.loads(previous[-1].read_text())
             changed = sorted(k for k in self.parts if old.get(k) != self.parts[k])
             logger.warning(
-                "teacher cache miss for %s: %s changed since %s; recomputing",
+                "score cache miss for %s: %s changed since %s; recomputing",
                 self.split,
                 ", ".join(changed) or "format",
                 previous[-1].parent.name,

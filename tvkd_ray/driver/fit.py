@@ -78,6 +78,7 @@ def fit(config, train_dataset=None, eval_dataset=None) -> FitResult:
     running, and then shut down at the end.
     """
     cfg = as_config(config)
+    runtime.set_defaults(runtime.MLFLOW_CLIENT_ENV)  # the driver opens and closes the run too
     # Cheap checks first: tracking store, tokenizers, every data row; then Ray and the models.
     uri = tracking.tracking_uri(cfg) if cfg.tracking.enabled else None
     if uri:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -31,7 +32,6 @@ class Streams:
     train: ray.data.Dataset
     eval: ray.data.Dataset | None
     num_train_pairs: int
-    num_eval_pairs: int
     rows_per_block: int
     data_report: dict[str, Any] = field(default_factory=dict)
 
@@ -56,26 +56,44 @@ def scored_stream(
         num_cpus=pools.TOKENIZE_CPUS,
         max_actors=1,
     )
-    ordered = sorted(pools.roles(cfg, paths), key=lambda role: role.pool.cache == "none")
-    scored: list[pools.Role] = []
-    for cache, group in itertools.groupby(ordered, key=lambda role: role.pool.cache):
-        group = list(group)
-        scored += group
-        entry = None
-        if cache not in ("none", "memory"):
-            parts = fingerprint(cfg, paths.tokenizer, table, scored)
-            entry = ScoreCache(resolve_path(cache), split, parts, per_block)
-            if entry.exists:  # a hit: these pools do not run at all
-                ds = entry.read(table[schema.PAIR_ID])
-                continue
+    stages = _cache_stages(cfg, paths, table, split, per_block)
+    pair_ids = table[schema.PAIR_ID]
+    # The last entry that exists holds every column scored before it: start there, so that no
+    # pool before it runs at all.
+    hits = [i for i, (_, _, entry) in enumerate(stages) if entry is not None and entry.exists]
+    if hits:
+        ds = stages[hits[-1]][2].read(pair_ids)
+        stages = stages[hits[-1] + 1 :]
+    for cache, group, entry in stages:
         for role in group:
             ds = pools.through_pool(ds, role)
         if cache == "memory":
             ds = ds.materialize()
         elif entry is not None:
             entry.write(ds)
-            ds = entry.read(table[schema.PAIR_ID])
+            ds = entry.read(pair_ids)
     return ds
+
+
+def _cache_stages(cfg: TVKDConfig, paths: ModelPaths, table: pa.Table, split: str, per_block: int):
+    """The run's pools in groups of one cache, ``(cache, roles, entry)``, cached groups first;
+    a directory's entry is keyed on every pool scored up to it (it holds all their columns)."""
+
+    def cache_of(role: pools.Role) -> str:
+        cache = role.pool.cache
+        return cache if cache in ("none", "memory") else str(resolve_path(cache))
+
+    ordered = sorted(pools.roles(cfg, paths), key=lambda role: role.pool.cache == "none")
+    stages, scored = [], []
+    for cache, group in itertools.groupby(ordered, key=cache_of):
+        group = list(group)
+        scored += group
+        entry = None
+        if cache not in ("none", "memory"):
+            parts = fingerprint(cfg, paths.tokenizer, table, scored)
+            entry = ScoreCache(Path(cache), split, parts, per_block)
+        stages.append((cache, group, entry))
+    return stages
 
 
 def build_streams(cfg: TVKDConfig, paths: ModelPaths, data: PairData) -> Streams:
@@ -84,7 +102,6 @@ def build_streams(cfg: TVKDConfig, paths: ModelPaths, data: PairData) -> Streams
         train=scored_stream(cfg, paths, data.train, "train"),
         eval=None if data.eval is None else scored_stream(cfg, paths, data.eval, "eval"),
         num_train_pairs=data.train.num_rows,
-        num_eval_pairs=0 if data.eval is None else data.eval.num_rows,
         rows_per_block=rows_per_block(cfg),
         data_report=data.report,
     )
