@@ -5,6 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from driver import pools
+from driver.inputs import ModelPaths
+from driver.streams import rows_per_block
 from tvkd_ray.config import (
     TVKDConfig,
     config_from_dict,
@@ -12,9 +15,6 @@ from tvkd_ray.config import (
     field_docs,
     load_config,
 )
-from tvkd_ray.driver import pools
-from tvkd_ray.driver.inputs import ModelPaths
-from tvkd_ray.driver.streams import rows_per_block
 from tvkd_ray.errors import ConfigError
 from tvkd_ray.step import Objective
 

@@ -20,11 +20,11 @@ from test_actors_on_cpu import (  # noqa: E402
     direct_token_logps,
 )
 
+from driver import cache as score_cache  # noqa: E402
+from driver import inputs, pools, streams  # noqa: E402
 from tvkd_ray import schema  # noqa: E402
 from tvkd_ray.config import load_config  # noqa: E402
 from tvkd_ray.data import load_pairs, tokenize_batch  # noqa: E402
-from tvkd_ray.driver import cache as score_cache  # noqa: E402
-from tvkd_ray.driver import inputs, pools, streams  # noqa: E402
 from tvkd_ray.errors import ResourceError  # noqa: E402
 from tvkd_ray.models import load_model, load_tokenizer  # noqa: E402
 

@@ -13,9 +13,9 @@ import torch
 from actors.inference import FrozenModel
 from benchmarks.common import Bench
 from benchmarks.report import median
+from driver.inputs import ModelPaths
+from driver.pools import roles
 from tvkd_ray.config import TVKDConfig
-from tvkd_ray.driver.inputs import ModelPaths
-from tvkd_ray.driver.pools import roles
 from tvkd_ray.forward import ResponseLogps
 from tvkd_ray.models import load_model, load_tokenizer
 from tvkd_ray.step import Objective, StudentStep, apply_gradients

@@ -12,9 +12,9 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
+from driver.inputs import load_data
 from tvkd_ray.config import BUNDLED_DATA, TVKDConfig, load_config
 from tvkd_ray.data import tokenize_batch
-from tvkd_ray.driver.inputs import load_data
 from tvkd_ray.models import load_tokenizer
 
 TOKENIZER = "smollm2-135m-instruct"  # its 49,152-token vocabulary; the models are config-built

@@ -12,9 +12,9 @@ import ray.data
 from actors.inference import FrozenModel, FrozenModelSpec
 from actors.reference import ReferenceLogps
 from actors.teacher import TeacherPotentials, TeacherSpec
+from driver.inputs import ModelPaths
 from tvkd_ray import runtime
 from tvkd_ray.config import PoolConfig, TVKDConfig
-from tvkd_ray.driver.inputs import ModelPaths
 from tvkd_ray.errors import ResourceError
 
 TOKENIZE_CPUS = 0.5  # tokenising is light; a fractional share keeps it beside the model pools

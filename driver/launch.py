@@ -10,10 +10,10 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from actors.trainer import TrainerSpec, train_loop_per_worker
+from driver.inputs import ModelPaths
+from driver.streams import Streams
 from tvkd_ray import errors
 from tvkd_ray.config import TVKDConfig
-from tvkd_ray.driver.inputs import ModelPaths
-from tvkd_ray.driver.streams import Streams
 
 
 class ExactlyOnceDataConfig(ray.train.DataConfig):

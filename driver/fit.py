@@ -7,21 +7,18 @@ initial weights, the teacher/reference actor pools and the Ray Train run.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import ray
+if TYPE_CHECKING:
+    from tvkd_ray.config import TVKDConfig
 
-from tvkd_ray import runtime, tracking
-from tvkd_ray.config import TVKDConfig, config_from_dict, load_config
-from tvkd_ray.driver import inputs, launch
-from tvkd_ray.driver.pools import check_resources, resource_demand
-from tvkd_ray.driver.streams import build_streams
-
-logger = logging.getLogger(__name__)
+# The package face tvkd_ray/__init__.py hands ``fit`` on from here, so this module imports only
+# the standard library when loaded: the core, the rest of the driver and Ray load when fit()
+# runs. Importing any core module then stays light, and no import order can meet a half-loaded
+# module.
 
 
 @dataclass
@@ -39,6 +36,8 @@ class FitResult:
 
 def as_config(config: TVKDConfig | dict | str | os.PathLike) -> TVKDConfig:
     """A validated config from a TVKDConfig, a nested dict or a YAML path."""
+    from tvkd_ray.config import TVKDConfig, config_from_dict, load_config
+
     if isinstance(config, TVKDConfig):
         config.validate()
         return config
@@ -49,6 +48,11 @@ def as_config(config: TVKDConfig | dict | str | os.PathLike) -> TVKDConfig:
 
 def ensure_ray(cfg: TVKDConfig) -> bool:
     """Attach to a running Ray, or start a local one; return True when this call started it."""
+    import ray
+
+    from driver.pools import resource_demand
+    from tvkd_ray import runtime
+
     if ray.is_initialized():
         return False
     runtime.set_defaults(runtime.RAY_ENV)
@@ -77,6 +81,13 @@ def fit(config, train_dataset=None, eval_dataset=None) -> FitResult:
     replace ``data.train_path`` / ``data.eval_path``. Ray is started only when not already
     running, and then shut down at the end.
     """
+    import ray
+
+    from driver import inputs, launch
+    from driver.pools import check_resources
+    from driver.streams import build_streams
+    from tvkd_ray import runtime, tracking
+
     cfg = as_config(config)
     runtime.set_defaults(runtime.MLFLOW_CLIENT_ENV)  # the driver opens and closes the run too
     # Cheap checks first: tracking store, tokenizers, every data row; then Ray and the models.

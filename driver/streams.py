@@ -17,12 +17,12 @@ from typing import Any
 import pyarrow as pa
 import ray.data
 
+from driver import pools
+from driver.cache import ScoreCache, blocks, fingerprint
+from driver.inputs import ModelPaths, PairData
 from tvkd_ray import schema
 from tvkd_ray.config import TVKDConfig, resolve_path
 from tvkd_ray.data import tokenize_dataset
-from tvkd_ray.driver import pools
-from tvkd_ray.driver.cache import ScoreCache, blocks, fingerprint
-from tvkd_ray.driver.inputs import ModelPaths, PairData
 
 
 @dataclass

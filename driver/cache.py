@@ -16,9 +16,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 
+from driver.pools import Role
 from tvkd_ray import schema
 from tvkd_ray.config import TVKDConfig
-from tvkd_ray.driver.pools import Role
 
 logger = logging.getLogger(__name__)
 FINGERPRINT_FILE = "_fingerprint.json"
