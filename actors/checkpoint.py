@@ -28,21 +28,21 @@ class TrainState:
     mlflow_run_id: str | None = None
 
 
-def save_checkpoint(directory: Path, model, optimizer, scheduler, state: TrainState, consumed):
-    """Weights, optimiser, scheduler, RNG, counters and the pair ids of this epoch trained so
-    far (``consumed``), so a resumed epoch skips exactly those."""
+def save_checkpoint(directory: Path, model, optimizer, state: TrainState, consumed):
+    """Weights, optimiser, RNG, counters and the pair ids of this epoch trained so far
+    (``consumed``), so a resumed epoch skips exactly those (the learning rate follows from
+    them: actors.trainer.LearningRate)."""
     from safetensors.torch import save_model
 
     save_model(model, str(directory / "model.safetensors"))  # handles tied embeddings
     torch.save(optimizer.state_dict(), directory / "optimizer.pt")
-    torch.save(scheduler.state_dict(), directory / "scheduler.pt")
     torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, directory / "rng.pt")
     np.save(directory / "consumed_pair_ids.npy", consumed)
     (directory / STATE_FILE).write_text(json.dumps(asdict(state)))
 
 
 def load_checkpoint(
-    directory: Path, model, optimizer, scheduler, origin: str
+    directory: Path, model, optimizer, origin: str
 ) -> tuple[TrainState, np.ndarray]:
     """Restore training state; a damaged file gives a CheckpointError naming it in ``origin``
     (the checkpoint's storage path; ``directory`` may be a local copy of it)."""
@@ -56,8 +56,6 @@ def load_checkpoint(
         load_weights_into(model, str(current))
         current = directory / "optimizer.pt"
         optimizer.load_state_dict(torch.load(current, weights_only=True))
-        current = directory / "scheduler.pt"
-        scheduler.load_state_dict(torch.load(current, weights_only=True))
         current = directory / "rng.pt"
         rng = torch.load(current, weights_only=True)
         current = directory / "consumed_pair_ids.npy"

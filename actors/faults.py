@@ -5,7 +5,9 @@ The fault is ``<role>:<n>:<marker>[:hang]``, read from ``$TVKD_FAULT`` or from t
 process playing ``role`` (teacher, reference, trainer) exits abruptly when its counter reaches
 ``n``, once: the marker file records that the fault fired, so the restarted actor or worker runs
 on normally. With ``:hang`` the process stops there instead of exiting, so a test can stop the
-whole run from outside (SIGTERM) at a known point. With neither variable set this does nothing.
+whole run from outside (SIGTERM) at a known point. With ``:delay=<seconds>`` it never crashes:
+every call from the n-th on sleeps that long (no marker), so a fast tiny teacher still streams
+while a test removes its node. With neither variable set this does nothing.
 """
 
 import os
@@ -26,7 +28,13 @@ def maybe_crash(role: str, count: int) -> None:
     if not spec:
         return
     fault_role, n, marker, *action = spec.split(":", 3)
-    if fault_role != role or count != int(n):
+    if fault_role != role:
+        return
+    if action and action[0].startswith("delay="):
+        if count >= int(n):
+            time.sleep(float(action[0].removeprefix("delay=")))
+        return
+    if count != int(n):
         return
     try:
         # O_EXCL: exactly one process fires the fault, even with several actors in the pool.

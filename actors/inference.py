@@ -15,18 +15,23 @@ import torch
 from actors.faults import maybe_crash
 from tvkd_ray import schema
 from tvkd_ray.data import PairBatch, collate
-from tvkd_ray.forward import lm_head_params, response_hidden
+from tvkd_ray.forward import autocast, autocast_dtype, lm_head_params, response_hidden
 from tvkd_ray.models import load_model, load_tokenizer
+
+
+def resolve_dtype(dtype: str, device_type: str) -> str:
+    """A weights dtype: ``auto`` is bfloat16 on a GPU and float32 on CPU."""
+    if dtype == "auto":
+        return "bfloat16" if device_type == "cuda" else "float32"
+    return dtype
 
 
 def place(num_gpus: float, dtype: str) -> tuple[str, str, str | None]:
     """(device, dtype, device_map): GPUs when reserved and present, bf16 there, fp32 on CPU."""
-    on_gpu = num_gpus > 0 and torch.cuda.is_available()
-    if dtype == "auto":
-        dtype = "bfloat16" if on_gpu else "float32"
+    device = "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
     # A teacher larger than one GPU is spread over the actor's GPUs by accelerate.
-    device_map = "auto" if on_gpu and num_gpus > 1 else None
-    return ("cuda" if on_gpu else "cpu"), dtype, device_map
+    device_map = "auto" if device == "cuda" and num_gpus > 1 else None
+    return device, resolve_dtype(dtype, device), device_map
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,8 @@ class FrozenModelSpec:
 
     model: str
     dtype: str = "auto"
+    autocast: str = "auto"  # the dtype the forward computes in (tvkd_ray.forward.autocast_dtype)
+    attn_implementation: str = "sdpa"
     trust_remote_code: bool = False
     num_gpus: float = 0.0
     num_threads: int | None = None  # torch threads of the actor's process; None: torch's own
@@ -45,13 +52,23 @@ class FrozenModelSpec:
     idle_priority: bool = False
 
     # Fields that only place the work; every other field changes what the actor computes.
-    PLACEMENT: ClassVar[tuple[str, ...]] = ("num_threads", "idle_priority")
+    PLACEMENT: ClassVar[tuple[str, ...]] = ("num_gpus", "num_threads", "idle_priority")
     # Fields naming a model, fingerprinted by their files' content.
     MODELS: ClassVar[tuple[str, ...]] = ("model",)
 
+    @property
+    def device_type(self) -> str:
+        """Where the actor computes: a GPU whenever it reserves (a share of) one."""
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
     def output_fields(self) -> dict:
-        """The fields that decide the actor's output (what a cache must be keyed on)."""
-        return {k: v for k, v in asdict(self).items() if k not in self.PLACEMENT}
+        """The fields that decide the actor's output (what a cache must be keyed on): the
+        settings, the device type and the numerics resolved on it."""
+        fields = {k: v for k, v in asdict(self).items() if k not in self.PLACEMENT}
+        fields["device"] = self.device_type
+        fields["dtype"] = resolve_dtype(self.dtype, self.device_type)
+        fields["autocast"] = autocast_dtype(self.autocast, self.device_type)
+        return fields
 
 
 class FrozenModel:
@@ -64,6 +81,7 @@ class FrozenModel:
         if spec.num_threads:
             torch.set_num_threads(spec.num_threads)
         self.device, self.dtype, self.device_map = place(spec.num_gpus, spec.dtype)
+        self.autocast = autocast_dtype(spec.autocast, self.device)
         if spec.idle_priority and self.device == "cpu" and hasattr(os, "SCHED_IDLE"):
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         self.model = self.load(spec.model)
@@ -77,10 +95,15 @@ class FrozenModel:
             dtype=self.dtype,
             device_map=self.device_map,
             trust_remote_code=self.spec.trust_remote_code,
+            attn_implementation=self.spec.attn_implementation,
         )
         if self.device_map is None:
             model = model.to(self.device)
         return model.eval().requires_grad_(False)
+
+    def precision(self):
+        """The autocast context every forward of this actor runs in (as the student's)."""
+        return autocast(self.autocast, self.device)
 
     def forward_batch(self, table: pa.Table) -> PairBatch:
         """Collated batch on the model's input device (chosen rows, then rejected rows)."""

@@ -1,9 +1,10 @@
 """A worker's shard, read in step with the other workers.
 
-Shards may be uneven so that no pair is dropped (``ExactlyOnceDataConfig``): every micro-step the
-workers agree on how many pairs they hold; a worker without data contributes a zero-weight step on
-a placeholder pair, so that every worker joins DDP's gradient all-reduce; each worker's loss is
-weighted so that DDP's average is the mean over all pairs of the step.
+Shards may be uneven so that no pair is dropped (``ExactlyOnceDataConfig``): every step the
+workers agree on how many pairs each of its micro-batches holds; a worker without data runs a
+zero-weight placeholder pair, so that every worker joins each collective of the model (DDP's
+gradient all-reduce in training, its buffer broadcast in evaluation); each micro-batch's loss is
+weighted so that the step's gradient is the mean over all of its pairs.
 """
 
 from __future__ import annotations
@@ -113,8 +114,9 @@ class ShardReader:
 
 @dataclass
 class MicroBatch:
-    """One worker's share of a micro-step: ``weight`` scales its mean loss so that DDP's average
-    is the mean over every worker's pairs; a placeholder has weight 0 and is not counted."""
+    """One worker's share of a micro-step: ``weight`` scales its mean loss so that, summed over
+    the step's micro-batches and averaged by DDP over the workers, the gradient is the mean over
+    every pair of the step; a placeholder has weight 0 and is not counted."""
 
     table: pa.Table
     weight: float
@@ -123,37 +125,47 @@ class MicroBatch:
 
 
 class Lockstep:
-    """One epoch of a worker's shard, micro-step by micro-step in step with the other workers;
-    it remembers which pairs were trained, for the checkpoint and the exactly-once audit."""
+    """One pass over a worker's shard (a training epoch or an evaluation), step by step in step
+    with the other workers; it remembers which pairs were read, for the checkpoint and the
+    exactly-once audit."""
 
     def __init__(
-        self, collective: Collective, reader: ShardReader, placeholder: pa.Table, consumed
+        self, collective: Collective, reader: ShardReader, placeholder: pa.Table, consumed=None
     ):
         self.collective = collective
         self.reader = reader
         self.batches = iter(reader)
         self.placeholder = placeholder
-        self.consumed = consumed  # pair ids every worker trained this epoch before a resume
-        self.seen: list[np.ndarray] = []  # pair ids this worker trained since
-        self.epoch_pairs = len(consumed)  # global count, the same on every worker
+        # Pair ids every worker trained this epoch before a resume.
+        self.consumed = np.zeros(0, dtype=np.int64) if consumed is None else consumed
+        self.seen: list[np.ndarray] = []  # pair ids this worker read since
+        self.epoch_pairs = len(self.consumed)  # global count, the same on every worker
         self.exhausted = False
 
-    def next(self) -> MicroBatch | None:
-        """This worker's next micro-batch, or None once every worker's shard is empty."""
-        item = next(self.batches, None)
-        global_pairs = self.collective.sum([0.0 if item is None else item[0].num_rows])[0]
-        if global_pairs == 0:
+    def next_step(self, micro_steps: int) -> list[MicroBatch]:
+        """This worker's micro-batches of the next step (at most ``micro_steps``; every worker
+        gets as many), or [] once every worker's shard is empty. One all-reduce per step."""
+        items = [next(self.batches, None) for _ in range(micro_steps)]
+        local = [0.0 if item is None else float(item[0].num_rows) for item in items]
+        counts = self.collective.sum(local)
+        # Once every worker is out of pairs all later counts are 0 too.
+        items = [item for item, count in zip(items, counts, strict=True) if count > 0]
+        total = sum(counts)
+        if total == 0:
             self.exhausted = True
-            return None
-        self.epoch_pairs += global_pairs
+            return []
+        self.epoch_pairs += int(total)
+        return [self._micro_batch(item, total) for item in items]
+
+    def _micro_batch(self, item, step_pairs: float) -> MicroBatch:
         if item is None:
             return MicroBatch(self.placeholder, 0.0, 0.0, placeholder=True)
         table, waited = item
         self.seen.append(table.column(schema.PAIR_ID).to_numpy())
-        weight = table.num_rows * self.collective.world / global_pairs
+        weight = table.num_rows * self.collective.world / step_pairs
         return MicroBatch(table, weight, waited, placeholder=False)
 
     def trained_ids(self) -> np.ndarray:
-        """Every pair id trained in this epoch so far, gathered from all workers."""
+        """Every pair id read in this pass so far, gathered from all workers."""
         mine = np.concatenate(self.seen) if self.seen else np.zeros(0, dtype=np.int64)
         return np.concatenate([self.consumed, *self.collective.gather(mine)])

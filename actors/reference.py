@@ -22,10 +22,11 @@ class ReferenceLogps(FrozenModel):
     @torch.inference_mode()
     def __call__(self, table: pa.Table) -> pa.Table:
         started = time.perf_counter()
-        batch, hidden, weight, bias = self.score(table)
-        mask = batch.response_mask
-        logps = token_logps_from_hidden(hidden, weight, batch.input_ids[mask], bias)
-        sums = batch.sides(row_sums(logps.double(), mask).float().cpu())
+        with self.precision():
+            batch, hidden, weight, bias = self.score(table)
+            mask = batch.response_mask
+            logps = token_logps_from_hidden(hidden, weight, batch.input_ids[mask], bias)
+        sums = batch.sides(row_sums(logps, mask).cpu())
         out = table.append_column(schema.REF_CHOSEN_LOGPS, pa.array(sums.chosen.numpy()))
         out = out.append_column(schema.REF_REJECTED_LOGPS, pa.array(sums.rejected.numpy()))
         return with_timing(out, schema.REFERENCE_S, started)

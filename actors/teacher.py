@@ -59,6 +59,11 @@ class TeacherPotentials(FrozenModel):
     @torch.inference_mode()
     def __call__(self, table: pa.Table) -> pa.Table:
         started = time.perf_counter()
+        with self.precision():
+            out = self._scored(table)
+        return with_timing(out, schema.TEACHER_S, started)
+
+    def _scored(self, table: pa.Table) -> pa.Table:
         batch, hidden, weight, bias = self.score(table)
         mask = batch.response_mask
         if self.spec.potential == "soft_value":
@@ -70,7 +75,7 @@ class TeacherPotentials(FrozenModel):
         out = out.append_column(schema.REJECTED_POTENTIALS, rejected)
         if self.spec.top_k > 0:
             out = self._append_topk(out, hidden, weight, bias, batch.sides(mask).chosen)
-        return with_timing(out, schema.TEACHER_S, started)
+        return out
 
     def _append_topk(self, out: pa.Table, hidden, weight, bias, chosen_mask) -> pa.Table:
         """KD needs the chosen responses only: their positions come first in ``hidden``."""

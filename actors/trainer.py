@@ -8,6 +8,7 @@ step with the other workers (``actors.lockstep``), updates with AdamW, evaluates
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import tempfile
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from actors.checkpoint import TrainState, load_checkpoint, save_checkpoint, save_hf_model
@@ -24,7 +26,7 @@ from actors.lockstep import Collective, Lockstep, ShardReader
 from actors.reporting import MetricWindow, eval_means, progress_line
 from tvkd_ray import runtime, schema
 from tvkd_ray.config import config_from_dict
-from tvkd_ray.forward import ResponseLogps
+from tvkd_ray.forward import ResponseLogps, autocast_dtype
 from tvkd_ray.models import load_model, load_tokenizer
 from tvkd_ray.step import Objective, StudentStep, apply_gradients
 from tvkd_ray.tracking import RunLogger
@@ -51,17 +53,24 @@ def train_loop_per_worker(loop_config: dict) -> None:
     StudentTrainer(loop_config["spec"]).run()
 
 
-def cosine_schedule(total_steps: int, warmup_ratio: float):
-    """Linear warm-up, then cosine decay to 0, as a LambdaLR factor of the step."""
-    warmup = int(total_steps * warmup_ratio)
+class LearningRate:
+    """Linear warm-up, then cosine decay towards 0, over the run's progress: the share of its
+    pairs trained (or of ``train.max_steps``, whichever ends it first), so the schedule ends with
+    the last step that actually runs, however unevenly the shards split."""
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    def __init__(self, peak: float, warmup_ratio: float):
+        self.peak, self.warmup = peak, warmup_ratio
 
-    return factor
+    def factor(self, start: float, end: float) -> float:
+        """Of a step taking progress from ``start`` to ``end`` (both in [0, 1])."""
+        if start < self.warmup:
+            return min(1.0, end / self.warmup)
+        decayed = (start - self.warmup) / (1.0 - self.warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, decayed)))
+
+    def apply(self, optimizer, start: float, end: float) -> None:
+        for group in optimizer.param_groups:
+            group["lr"] = self.peak * self.factor(start, end)
 
 
 class StudentTrainer:
@@ -80,19 +89,25 @@ class StudentTrainer:
         torch.set_num_threads(spec.torch_threads)
         runtime.set_defaults(runtime.MLFLOW_CLIENT_ENV)
         device = ray.train.torch.get_device()
-        self.model = load_model(spec.student_path, dtype="float32").to(device).train()
+        student = cfg.student
+        self.model = load_model(
+            spec.student_path, dtype=student.dtype, attn_implementation=student.attn_implementation
+        )
+        self.model.to(device).train()
         self.tokenizer = load_tokenizer(spec.student_path)
         policy = ResponseLogps(self.model)
         distributed = self.collective.world > 1
-        policy = ray.train.torch.prepare_model(policy) if distributed else policy.to(device)
+        self.policy = ray.train.torch.prepare_model(policy) if distributed else policy.to(device)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, cosine_schedule(spec.total_steps, cfg.train.warmup_ratio)
-        )
+        self.learning_rate = LearningRate(cfg.train.lr, cfg.train.warmup_ratio)
         self.step_fn = StudentStep(
-            Objective.from_config(cfg), policy, self.tokenizer.pad_token_id, device
+            Objective.from_config(cfg),
+            self.policy,
+            self.tokenizer.pad_token_id,
+            device,
+            autocast_dtype(student.autocast, device.type),
         )
         self.state, self.consumed, resumed = self._restore()
         self.logger = RunLogger(
@@ -101,8 +116,9 @@ class StudentTrainer:
         if resumed and self.collective.rank == 0:
             self.logger.set_tag("tvkd.resumed_from_step", str(self.state.step))
             self.logger.set_status("RUNNING")
-        self.train_shard = ray.train.get_dataset_shard("train")
-        self.eval_shard = ray.train.get_dataset_shard("eval") if spec.has_eval else None
+        self.eval_shard = (
+            ray.train.get_dataset_shard(schema.EVAL_DATASET) if spec.has_eval else None
+        )
         self.lockstep: Lockstep | None = None  # the current epoch's
         self.last_metrics: dict[str, float] = {}
 
@@ -117,7 +133,7 @@ class StudentTrainer:
             return fresh, np.zeros(0, dtype=np.int64), False
         with checkpoint.as_directory() as ckpt_dir:
             state, consumed = load_checkpoint(
-                Path(ckpt_dir), self.model, self.optimizer, self.scheduler, checkpoint.path
+                Path(ckpt_dir), self.model, self.optimizer, checkpoint.path
             )
         state.mlflow_run_id = state.mlflow_run_id or self.spec.mlflow_run_id
         return state, consumed, True
@@ -139,14 +155,13 @@ class StudentTrainer:
     def train_epoch(self) -> None:
         """Optimiser steps until every worker's shard is empty (or max_steps), then the epoch's
         exactly-once audit: the pair ids trained, and the pairs dropped as non-finite."""
+        import ray.train
+
         cfg = self.cfg
-        batch_size, on_invalid = cfg.train.batch_size, cfg.data.on_invalid
-        reader = ShardReader(self.train_shard, batch_size, on_invalid, self.consumed)
-        kd = self.step_fn.objective.top_k > 0
-        columns = schema.scored(teacher=cfg.uses_teacher, kd=kd, reference=cfg.uses_reference)
-        top_k = self.step_fn.objective.top_k
-        placeholder = schema.placeholder(columns, self.tokenizer.pad_token_id, top_k)
-        self.lockstep = Lockstep(self.collective, reader, placeholder, self.consumed)
+        # Each epoch is its own dataset, in its own seeded order (driver.streams).
+        shard = ray.train.get_dataset_shard(schema.train_dataset(self.state.epoch))
+        reader = ShardReader(shard, cfg.train.batch_size, cfg.data.on_invalid, self.consumed)
+        self.lockstep = Lockstep(self.collective, reader, self._placeholder(), self.consumed)
         window = MetricWindow()
         while not self.done and not self.lockstep.exhausted:
             step = self.optimizer_step()
@@ -171,34 +186,52 @@ class StudentTrainer:
             self.consumed = np.zeros(0, dtype=np.int64)
             self.lockstep = None  # nothing of the new epoch is trained yet
 
+    def _placeholder(self) -> pa.Table:
+        """The pair a worker without data runs (weight 0), with every column a batch has."""
+        cfg, top_k = self.cfg, self.step_fn.objective.top_k
+        columns = schema.scored(
+            teacher=cfg.uses_teacher, kd=top_k > 0, reference=cfg.uses_reference
+        )
+        return schema.placeholder(columns, self.tokenizer.pad_token_id, top_k)
+
+    def progress(self) -> float:
+        """Share of the run done: of its pairs trained, or of max_steps if that ends it first."""
+        per_epoch = self.spec.num_train_pairs
+        epoch_pairs = self.lockstep.epoch_pairs if self.lockstep else len(self.consumed)
+        trained = self.state.epoch * per_epoch + epoch_pairs
+        by_pairs = trained / max(per_epoch * self.cfg.train.epochs, 1)
+        max_steps = self.cfg.train.max_steps
+        by_steps = self.state.step / max_steps if max_steps else 0.0
+        return min(1.0, max(by_pairs, by_steps))
+
     def optimizer_step(self) -> tuple[dict[str, float], float] | None:
-        """Accumulate ``grad_accum`` micro-batches and update: the step's metric sums and
-        gradient norm, or None when no worker had any pair left."""
-        start = time.perf_counter()
+        """One update on the step's ``grad_accum`` micro-batches (fewer at the end of an
+        epoch): its metric sums and gradient norm, or None when no worker had a pair left."""
+        start, progress = time.perf_counter(), self.progress()
+        batches = self.lockstep.next_step(self.cfg.train.grad_accum)
+        if not batches:
+            return None
         self.optimizer.zero_grad(set_to_none=True)
-        accum = self.cfg.train.grad_accum
         sums: dict[str, float] = {"wait_s": 0.0}
-        micro = 0
-        while micro < accum and (batch := self.lockstep.next()) is not None:
-            loss, batch_sums = self.step_fn(batch.table)
-            (loss * batch.weight / accum).backward()
-            micro += 1
+        for i, batch in enumerate(batches):
+            with self._gradient_sync(last=i == len(batches) - 1):
+                loss, batch_sums = self.step_fn(batch.table)
+                (loss * batch.weight).backward()
             if not batch.placeholder:
                 sums["wait_s"] += batch.waited_s
                 for k, v in batch_sums.items():
                     sums[k] = sums.get(k, 0.0) + v
-        if micro == 0:
-            return None
-        if micro < accum:  # a short last step: average over the micro-batches it had
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(accum / micro)
-        grad_norm = apply_gradients(self.model, self.optimizer, self.cfg.train.max_grad_norm)
-        self.scheduler.step()
         self.state.step += 1
+        self.learning_rate.apply(self.optimizer, progress, self.progress())
+        grad_norm = apply_gradients(self.model, self.optimizer, self.cfg.train.max_grad_norm)
         maybe_crash("trainer", self.state.step)
         sums["step_s"] = time.perf_counter() - start
         return sums, grad_norm
+
+    def _gradient_sync(self, last: bool):
+        """DDP all-reduces the gradients once per step, on its last micro-batch."""
+        ddp = isinstance(self.policy, torch.nn.parallel.DistributedDataParallel)
+        return contextlib.nullcontext() if last or not ddp else self.policy.no_sync()
 
     def _every(self, interval: int) -> bool:
         return interval > 0 and self.state.step % interval == 0
@@ -209,7 +242,7 @@ class StudentTrainer:
         return self._every(train.log_every) or saves_or_evals or self.done
 
     def _report_window(self, window: MetricWindow) -> None:
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.optimizer.param_groups[0]["lr"]
         metrics = window.metrics(self.collective, lr, self.state.num_tokens)
         self.state.num_tokens = int(metrics["num_tokens"])
         epoch_pairs = self.lockstep.epoch_pairs
@@ -242,26 +275,32 @@ class StudentTrainer:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if self.collective.rank == 0:
-                save_checkpoint(
-                    Path(tmp), self.model, self.optimizer, self.scheduler, self.state, ids
-                )
+                save_checkpoint(Path(tmp), self.model, self.optimizer, self.state, ids)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
 
     def evaluate(self) -> dict[str, float]:
-        """Pair-weighted ``eval/`` metrics over every worker's eval shard (none without one)."""
+        """Pair-weighted ``eval/`` metrics over every worker's eval shard (none without one):
+        read in lockstep, so that any number of workers works with any eval set, even one
+        smaller than a block per worker; ``eval/num_pairs`` counts the pairs scored."""
         if self.eval_shard is None:
             return {}
         cfg = self.cfg
+        reader = ShardReader(self.eval_shard, cfg.train.batch_size, cfg.data.on_invalid)
+        lockstep = Lockstep(self.collective, reader, self._placeholder())
         totals: dict[str, float] = {}
         self.model.eval()
         with torch.no_grad():
-            reader = ShardReader(self.eval_shard, cfg.train.batch_size, cfg.data.on_invalid)
-            for table, _ in reader:
-                for k, v in self.step_fn(table)[1].items():
-                    totals[k] = totals.get(k, 0.0) + v
+            while batches := lockstep.next_step(1):
+                sums = self.step_fn(batches[0].table)[1]
+                if not batches[0].placeholder:
+                    for k, v in sums.items():
+                        totals[k] = totals.get(k, 0.0) + v
         self.model.train()
-        return eval_means(self.collective, totals)
+        return {
+            **eval_means(self.collective, totals),
+            "eval/num_pairs": float(lockstep.epoch_pairs),
+        }
 
     def finish(self) -> None:
         """Final eval, the Hugging Face model, a last checkpoint; the MLflow run is FINISHED."""

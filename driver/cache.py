@@ -66,7 +66,6 @@ class ScoreCache:
     root: Path
     split: str
     parts: dict[str, str]
-    rows_per_block: int
 
     @property
     def target(self) -> Path:
@@ -88,14 +87,11 @@ class ScoreCache:
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
 
-    def read(self, pair_ids: pa.ChunkedArray) -> ray.data.Dataset:
-        """The entry's rows in the order of ``pair_ids`` (this run's shuffle). The driver already
-        holds these pairs' text; their scored rows are of the same order of size, and reading
-        them here is faster than starting a Ray Data read."""
+    def read_rows(self) -> pa.Table:
+        """The entry's rows. The driver already holds these pairs' text; their scored rows are
+        of the same order of size, and reading them here is faster than a Ray Data read."""
         logger.info("score cache: reading %s", self.target)
-        rows = pq.read_table(self.target / "data")
-        rows = rows.take(pc.index_in(pair_ids, value_set=rows[schema.PAIR_ID]))
-        return blocks(rows, self.rows_per_block)
+        return pq.read_table(self.target / "data")
 
     def _warn_miss(self) -> None:
         entries = self.root.glob(f"{self.split}-*/{FINGERPRINT_FILE}")
@@ -109,6 +105,11 @@ class ScoreCache:
                 ", ".join(changed) or "format",
                 previous[-1].parent.name,
             )
+
+
+def in_order(rows: pa.Table, pair_ids: pa.ChunkedArray | pa.Array) -> pa.Table:
+    """``rows`` (scored pairs) in the order of ``pair_ids``."""
+    return rows.take(pc.index_in(pair_ids, value_set=rows[schema.PAIR_ID]))
 
 
 def blocks(table: pa.Table, rows_per_block: int) -> ray.data.Dataset:

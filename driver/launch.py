@@ -10,9 +10,10 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from actors.trainer import TrainerSpec, train_loop_per_worker
+from driver import pools
 from driver.inputs import ModelPaths
 from driver.streams import Streams
-from tvkd_ray import errors
+from tvkd_ray import errors, schema
 from tvkd_ray.config import TVKDConfig
 
 
@@ -35,8 +36,9 @@ class ExactlyOnceDataConfig(ray.train.DataConfig):
 
 
 def total_steps(cfg: TVKDConfig, streams: Streams) -> int:
-    """Optimiser steps of the whole run. Shards are uneven by up to one block per worker (none
-    is dropped): plan for the largest."""
+    """Optimiser steps of the whole run as the progress line shows them, an upper bound: shards
+    are uneven by up to one block per worker (none is dropped). The learning rate follows the
+    pairs trained instead (actors.trainer.LearningRate), so it needs no step count."""
     workers = cfg.train.num_workers
     largest_shard = math.ceil(streams.num_train_pairs / workers)
     if workers > 1:
@@ -63,16 +65,16 @@ def trainer_spec(cfg: TVKDConfig, paths: ModelPaths, streams: Streams, uri, run_
 
 def run_trainers(cfg: TVKDConfig, spec: TrainerSpec, streams: Streams) -> ray.train.Result:
     """Run the Ray Train workers to the end; a user error raised in one comes back as itself."""
-    datasets = {"train": streams.train}
+    datasets = {schema.train_dataset(epoch): ds for epoch, ds in enumerate(streams.train)}
     if streams.eval is not None:
-        datasets["eval"] = streams.eval
+        datasets[schema.EVAL_DATASET] = streams.eval
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cfg.train.num_cpus_per_worker},
+            resources_per_worker=pools.worker_resources(cfg),
         ),
         run_config=ray.train.RunConfig(
             name="train",

@@ -31,12 +31,15 @@ class Role:
 
 
 def _model_fields(cfg: TVKDConfig, pool: PoolConfig, model: str) -> dict:
-    """A pool's model and placement; unset dtype / trust_remote_code are the student's."""
-    trust = pool.trust_remote_code
+    """A pool's model, numerics and placement; every unset model setting is the student's, so
+    by default a pool computes exactly as the student does."""
+    trust, student = pool.trust_remote_code, cfg.student
     return {
         "model": model,
-        "dtype": pool.dtype or cfg.student.dtype,
-        "trust_remote_code": cfg.student.trust_remote_code if trust is None else trust,
+        "dtype": pool.dtype or student.dtype,
+        "autocast": pool.autocast or student.autocast,
+        "attn_implementation": pool.attn_implementation or student.attn_implementation,
+        "trust_remote_code": student.trust_remote_code if trust is None else trust,
         "num_gpus": pool.num_gpus_per_actor,
         "num_threads": max(1, int(pool.num_cpus_per_actor)),
         "idle_priority": True,  # on CPU, the trainers come first
@@ -65,21 +68,24 @@ def roles(cfg: TVKDConfig, paths: ModelPaths) -> list[Role]:
     return found
 
 
-def resource_demand(cfg: TVKDConfig) -> dict[str, dict[str, float]]:
-    """CPUs and GPUs each pool asks for, by pool name."""
+def worker_resources(cfg: TVKDConfig) -> dict[str, float]:
+    """What each Ray Train worker asks for (ScalingConfig.resources_per_worker)."""
     train = cfg.train
-    demand = {
-        "train workers": {
-            "CPU": train.num_workers * train.num_cpus_per_worker,
-            "GPU": float(train.num_workers if train.use_gpu else 0),
-        },
-        "tokenizer pool": {"CPU": TOKENIZE_CPUS, "GPU": 0.0},
-    }
+    resources = {**train.resources_per_worker, "CPU": train.num_cpus_per_worker}
+    if train.use_gpu:
+        resources["GPU"] = train.gpus_per_worker
+    return resources
+
+
+def resource_demand(cfg: TVKDConfig) -> dict[str, dict[str, float]]:
+    """The Ray resources (CPU, GPU and custom ones) each pool asks for, by pool name."""
+    train = cfg.train
+    workers = {k: v * train.num_workers for k, v in worker_resources(cfg).items()}
+    demand = {"train workers": workers, "tokenizer pool": {"CPU": TOKENIZE_CPUS}}
     for name, pool in cfg.pools().items():
-        demand[f"{name} pool"] = {
-            "CPU": pool.num_actors * pool.num_cpus_per_actor,
-            "GPU": pool.num_actors * pool.num_gpus_per_actor,
-        }
+        per_actor = {**pool.resources, "CPU": pool.num_cpus_per_actor}
+        per_actor["GPU"] = pool.num_gpus_per_actor
+        demand[f"{name} pool"] = {k: v * pool.num_actors for k, v in per_actor.items()}
     return demand
 
 
@@ -88,14 +94,16 @@ def check_resources(cfg: TVKDConfig) -> None:
     request Ray cannot satisfy would otherwise wait forever)."""
     available = ray.cluster_resources()
     demand = resource_demand(cfg)
-    for kind in ("GPU", "CPU"):
-        total = sum(d[kind] for d in demand.values())
+    custom = sorted({kind for d in demand.values() for kind in d} - {"GPU", "CPU"})
+    for kind in ("GPU", "CPU", *custom):
+        total = sum(d.get(kind, 0.0) for d in demand.values())
         have = float(available.get(kind, 0.0))
         if total > have + 1e-9:
-            parts = ", ".join(f"{name} {d[kind]:g}" for name, d in demand.items() if d[kind] > 0)
+            unit = f"{kind}s" if kind in ("GPU", "CPU") else f"of resource '{kind}'"
+            parts = ", ".join(f"{name} {d[kind]:g}" for name, d in demand.items() if d.get(kind))
             raise ResourceError(
-                f"the cluster has {have:g} {kind}s but the run needs {total:g} ({parts}); "
-                f"lower the per-pool {kind} settings or add nodes"
+                f"the cluster has {have:g} {unit} but the run needs {total:g} ({parts}); "
+                f"lower the per-pool {kind} settings or add nodes that offer it"
             )
 
 
@@ -111,6 +119,7 @@ def through_pool(ds: ray.data.Dataset, role: Role) -> ray.data.Dataset:
         compute=ray.data.ActorPoolStrategy(size=pool.num_actors),
         num_cpus=pool.num_cpus_per_actor,
         num_gpus=pool.num_gpus_per_actor,
+        resources=pool.resources or None,
         runtime_env={"env_vars": runtime.ACTOR_ALLOCATOR_ENV},  # merged into the job's env_vars
         max_restarts=pool.max_restarts,
         max_task_retries=-1,

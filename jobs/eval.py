@@ -46,6 +46,7 @@ from tvkd_ray.data import (  # noqa: E402
 )
 from tvkd_ray.errors import DataError, TVKDError  # noqa: E402
 from tvkd_ray.forward import ResponseLogps, row_sums  # noqa: E402
+from tvkd_ray.loss import TIE_RTOL  # noqa: E402
 from tvkd_ray.models import check_tokenizers_compatible, load_model, load_tokenizer  # noqa: E402
 
 # ------------------------------------------------------------------------------------ scoring
@@ -54,11 +55,11 @@ from tvkd_ray.models import check_tokenizers_compatible, load_model, load_tokeni
 def sequence_logps(
     model: torch.nn.Module, input_ids, attention_mask, response_mask
 ) -> torch.Tensor:
-    """Summed log-prob [rows] (float64) of each row's response tokens (right-padded rows)."""
+    """Summed log-prob [rows] of each row's response tokens (right-padded rows)."""
     device = model.get_input_embeddings().weight.device
     ids, attention, mask = (t.to(device) for t in (input_ids, attention_mask, response_mask))
     logps, _ = ResponseLogps(model)(ids, attention, mask)
-    return row_sums(logps.double(), mask).cpu()
+    return row_sums(logps, mask).double().cpu()
 
 
 @torch.inference_mode()
@@ -71,16 +72,22 @@ def reward_margins(
     beta: float = 0.1,
     batch_size: int = 8,
 ) -> np.ndarray:
-    """r_chosen − r_rejected per tokenised pair; log π(chosen) − log π(rejected) without ref."""
+    """r_chosen − r_rejected per tokenised pair (log π(chosen) − log π(rejected) without ref),
+    with 0 for a tie: a margin within ``TIE_RTOL`` of the log-probs' magnitude (as in training)."""
     margins = []
     for start in range(0, tokens.num_rows, batch_size):
         batch = collate(tokens.slice(start, batch_size), pad_token_id)
         rows = (batch.input_ids, batch.attention_mask, batch.response_mask)
         logps = sequence_logps(model, *rows)
+        magnitude = logps.abs()
         if ref_model is not None:
-            logps = beta * (logps - sequence_logps(ref_model, *rows))
-        sides = batch.sides(logps)
-        margins.append(sides.chosen - sides.rejected)
+            ref_logps = sequence_logps(ref_model, *rows)
+            magnitude = beta * (magnitude + ref_logps.abs())
+            logps = beta * (logps - ref_logps)
+        sides, scale = batch.sides(logps), batch.sides(magnitude)
+        margin = sides.chosen - sides.rejected
+        tie = margin.abs() <= TIE_RTOL * (scale.chosen + scale.rejected)
+        margins.append(torch.where(tie, 0.0, margin))
     return torch.cat(margins).numpy()
 
 

@@ -1,10 +1,12 @@
 """Config: YAML + dotted overrides, documented fields, one-line errors for bad input."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
+from actors.inference import FrozenModelSpec
 from driver import pools
 from driver.inputs import ModelPaths
 from driver.streams import rows_per_block
@@ -75,21 +77,87 @@ def test_dpo_stage_needs_no_teacher():
 
 
 def test_pools_own_their_knobs_and_inherit_the_students_model_settings():
-    """Each pool's dtype / trust_remote_code is the student's unless it sets its own, its
-    restarts are its own, and the streamed block size never comes from a pool that does not
-    run."""
+    """The reference computes exactly as the student (dtype, autocast, attention) unless it sets
+    its own; the teacher keeps its own dtype (auto: bf16 on GPU) but the student's autocast;
+    restarts and resources are each pool's own; the streamed block size never comes from a pool
+    that does not run."""
     paths = ModelPaths(student_init="s", reference="r", tokenizer="s", teacher="t")
-    cfg = load_config(None, ["student.dtype=bfloat16", "reference.max_restarts=7"])
-    specs = {role.name: role for role in pools.roles(cfg, paths)}
-    assert specs["teacher"].spec.dtype == specs["reference"].spec.dtype == "bfloat16"
-    assert specs["reference"].pool.max_restarts == 7 and specs["teacher"].pool.max_restarts == 3
-    own = load_config(None, ["teacher.dtype=float32", "teacher.trust_remote_code=true"])
+    overrides = ["student.dtype=bfloat16", "student.autocast=none", "reference.max_restarts=7"]
+    cfg = load_config(None, [*overrides, "student.attn_implementation=eager"])
+    specs = {role.name: role.spec for role in pools.roles(cfg, paths)}
+    reference, teacher = specs["reference"], specs["teacher"]
+    assert (reference.dtype, reference.autocast, reference.attn_implementation) == (
+        "bfloat16",
+        "none",
+        "eager",
+    )
+    assert (teacher.dtype, teacher.autocast, teacher.attn_implementation) == (
+        "auto",
+        "none",
+        "eager",
+    )
+    roles = {role.name: role for role in pools.roles(cfg, paths)}
+    assert roles["reference"].pool.max_restarts == 7 and roles["teacher"].pool.max_restarts == 3
+    own = load_config(
+        None,
+        ["teacher.dtype=float32", "teacher.trust_remote_code=true", "reference.autocast=bfloat16"],
+    )
     teacher, reference = pools.roles(own, paths)
     assert (teacher.spec.dtype, teacher.spec.trust_remote_code) == ("float32", True)
-    assert (reference.spec.dtype, reference.spec.trust_remote_code) == ("auto", False)
+    assert (reference.spec.dtype, reference.spec.trust_remote_code) == ("float32", False)
+    assert (reference.spec.autocast, teacher.spec.autocast) == ("bfloat16", "auto")
     dpo = load_config(None, ["run.stage=dpo", "teacher.batch_size=64", "reference.batch_size=4"])
     assert rows_per_block(dpo) == 4
     assert rows_per_block(load_config(None, ["run.stage=sft", "train.batch_size=5"])) == 5
+
+
+def test_the_fingerprint_sees_device_and_numerics_not_placement():
+    """A GPU and a CPU actor, bf16 and fp32, sdpa and eager compute different values, so their
+    cache entries differ; a GPU share or a thread count only places the work."""
+    base = FrozenModelSpec(model="m")
+    assert base.output_fields()["device"] == "cpu"
+    assert base.output_fields()["dtype"] == "float32"  # auto, resolved on CPU
+    on_gpu = dataclasses.replace(base, num_gpus=0.5)
+    assert on_gpu.output_fields()["device"] == "cuda"
+    assert on_gpu.output_fields()["dtype"] == "bfloat16"
+    assert on_gpu.output_fields()["autocast"] == "bfloat16"
+    assert dataclasses.replace(base, num_gpus=1.0).output_fields() == on_gpu.output_fields()
+    assert dataclasses.replace(base, num_threads=7).output_fields() == base.output_fields()
+    eager = dataclasses.replace(base, attn_implementation="eager")
+    assert eager.output_fields() != base.output_fields()
+
+
+def test_custom_resources_place_pools_and_workers():
+    """teacher.resources / reference.resources / train.resources_per_worker reach Ray beside
+    the CPU/GPU counts; CPU in resources_per_worker is num_cpus_per_worker (Ray's spelling)."""
+    cfg = load_config(
+        None,
+        [
+            "teacher.resources={scorer: 1}",
+            "reference.resources={scorer: 0.5}",
+            "train.resources_per_worker={CPU: 2, trainer: 1}",
+            "train.num_workers=3",
+        ],
+    )
+    assert cfg.train.num_cpus_per_worker == 2 and "CPU" not in cfg.train.resources_per_worker
+    assert pools.worker_resources(cfg) == {"trainer": 1.0, "CPU": 2.0}
+    demand = pools.resource_demand(cfg)
+    assert demand["train workers"] == {"trainer": 3.0, "CPU": 6.0}
+    assert demand["teacher pool"]["scorer"] == 1.0 and demand["reference pool"]["scorer"] == 0.5
+    gpu = load_config(None, ["train.use_gpu=true", "train.resources_per_worker={GPU: 0.5}"])
+    assert pools.worker_resources(gpu)["GPU"] == 0.5
+    assert pools.worker_resources(load_config(None, ["train.use_gpu=true"]))["GPU"] == 1.0
+    bad = {
+        "teacher.resources={GPU: 1}": r"^teacher.resources.GPU: set it with teacher.num_gpus",
+        "reference.resources={scorer: -1}": r"^reference.resources.scorer: must be >= 0",
+        "teacher.resources=3": r"^teacher.resources: expected a mapping, got int 3$",
+        "train.resources_per_worker={GPU: 1}": r"^train.resources_per_worker.GPU: needs train.use_gpu",
+    }
+    for override, message in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [override])
+    with pytest.raises(ConfigError, match=r"CPU: 2 disagrees with train.num_cpus_per_worker=3"):
+        load_config(None, ["train.num_cpus_per_worker=3", "train.resources_per_worker={CPU: 2}"])
 
 
 def test_pool_errors_name_their_own_section():

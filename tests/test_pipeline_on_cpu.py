@@ -9,6 +9,7 @@ import logging  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
@@ -112,10 +113,11 @@ def test_stream_delivers_every_pair_once_with_direct_values(ray_cluster, make_co
     paths = inputs.prepare_models(cfg)
     streams = build_streams(cfg, paths)
     assert streams.eval is None and streams.num_train_pairs == NUM_PAIRS
-    rows = consume(streams.train)
+    (train,) = streams.train  # one dataset per epoch
+    rows = consume(train)
     assert_every_pair_once_with_direct_values(rows, cfg, paths)
     # Streamed, not cached: the executed plan ran both model pools.
-    stats = streams.train.stats()
+    stats = train.stats()
     assert "TeacherPotentials" in stats and "ReferenceLogps" in stats
 
 
@@ -145,20 +147,26 @@ def test_teacher_cache_reuses_matching_parquet_and_recomputes_on_change(
     first = pq.read_table(entry / "data").sort_by(schema.PAIR_ID)
     assert_every_pair_once_with_direct_values(first, cfg, paths)
 
-    again = build_streams(cfg, paths).train
+    (again,) = build_streams(cfg, paths).train
     second = consume(again)
     assert len(plans) == 1, "a matching cache entry must not run the teacher again"
     assert "TeacherPotentials" not in again.stats()
     assert second.equals(first)
 
-    # Another seed reshuffles the same pairs: it shares the entry, in its own order.
-    reseeded = make_config(*in_cache, "run.seed=7")
+    # Another seed reshuffles the same pairs: it shares the entry, in its own order, and each
+    # epoch has an order of its own, the same whenever the run is planned again (a resume).
+    reseeded = make_config(*in_cache, "run.seed=7", "train.epochs=2")
     data = inputs.load_data(reseeded, inputs.check_tokenizers(reseeded))
-    stream = streams.build_streams(reseeded, paths, data).train
+    epochs = streams.build_streams(reseeded, paths, data).train
     assert len(plans) == 1 and list(cache.glob("train-*")) == [entry]
-    arrived = pa.concat_tables(stream.iter_batches(batch_size=8, batch_format="pyarrow"))
-    assert arrived[schema.PAIR_ID].to_pylist() == data.train[schema.PAIR_ID].to_pylist()
-    assert arrived.sort_by(schema.PAIR_ID).equals(first)
+    orders = streams.epoch_orders(NUM_PAIRS, 2, seed=7)
+    assert not np.array_equal(orders[0], orders[1])
+    for order, stream in zip(orders, epochs, strict=True):
+        arrived = pa.concat_tables(stream.iter_batches(batch_size=8, batch_format="pyarrow"))
+        expected = data.train[schema.PAIR_ID].take(pa.array(order))
+        assert arrived[schema.PAIR_ID].to_pylist() == expected.to_pylist()
+        assert arrived.sort_by(schema.PAIR_ID).equals(first)
+    assert np.array_equal(streams.epoch_orders(NUM_PAIRS, 2, seed=7)[1], orders[1])
 
     changed = make_config(*in_cache, "loss.tau=2.0")
     with caplog.at_level(logging.INFO, logger=score_cache.logger.name):
@@ -197,7 +205,7 @@ def test_each_pool_keeps_its_own_cache(ray_cluster, make_config, tmp_path, monke
     planned.clear()
     again = build_streams(cfg, paths)
     assert planned == ["teacher"]
-    assert_every_pair_once_with_direct_values(consume(again.train), cfg, paths)
+    assert_every_pair_once_with_direct_values(consume(again.train[0]), cfg, paths)
 
 
 @pytest.mark.faults
@@ -208,7 +216,7 @@ def test_dead_teacher_actor_is_restarted_and_every_pair_arrives_once(
     assert cfg.teacher.max_restarts >= 1 and NUM_PAIRS > 2 * cfg.teacher.batch_size
     paths = inputs.prepare_models(cfg)
     marker = arm_fault("teacher", 2)  # exits (os._exit) on its 2nd batch, once
-    rows = consume(build_streams(cfg, paths).train)
+    rows = consume(build_streams(cfg, paths).train[0])
     assert marker.exists(), "the teacher actor never crashed"
     assert "teacher pid" in marker.read_text()
     assert_every_pair_once_with_direct_values(rows, cfg, paths)

@@ -37,6 +37,16 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def _check_resources(key: str, resources: dict[str, float], own_keys: dict[str, str]) -> None:
+    """Ray resources by name, non-negative; those with a key of their own (``own_keys``: CPU,
+    GPU) must be set there."""
+    for name, amount in resources.items():
+        _require(bool(name.strip()), key, "resource names must not be empty")
+        _require(amount >= 0, f"{key}.{name}", f"must be >= 0, got {amount:g}")
+        if name in own_keys:
+            raise ConfigError(f"{key}.{name}: set it with {own_keys[name]} instead")
+
+
 @dataclass
 class RunConfig:
     """What this run is and where its outputs go."""
@@ -83,10 +93,19 @@ class StudentConfig:
         "pretrained: copy the base model's weights (its first num_layers layers); from_config: "
         "random initialisation from the base model's config with run.seed.",
     )
-    dtype: Literal["auto", "float32", "bfloat16"] = _field(
+    dtype: Literal["float32", "bfloat16"] = _field(
+        "float32",
+        "Dtype of the weights the trainers hold and update (float32: master weights of mixed "
+        "precision). The reference holds the same unless reference.dtype says otherwise.",
+    )
+    autocast: Literal["auto", "bfloat16", "float16", "none"] = _field(
         "auto",
-        "Weights dtype; auto is float32 on CPU and bfloat16 autocast on GPU. The reference (and "
-        "the teacher) score as the student computes unless they set their own.",
+        "Dtype the forward passes compute in (torch.autocast); auto: bfloat16 on GPU, none on "
+        "CPU. With the reference's dtype and autocast left null the reference scores exactly "
+        "as the student computes, so log pi_theta - log pi_ref is 0 at step 0.",
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = _field(
+        "sdpa", "Attention kernel of the student (and of the pools unless they set their own)."
     )
     trust_remote_code: bool = _field(
         False,
@@ -120,6 +139,12 @@ class PoolConfig:
     dtype: Literal["auto", "float32", "bfloat16"] | None = _field(
         None, "Weights dtype (auto: float32 on CPU, bfloat16 on GPU); null: as student.dtype."
     )
+    autocast: Literal["auto", "bfloat16", "float16", "none"] | None = _field(
+        None, "Dtype the forward computes in (as student.autocast); null: as the student."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = _field(
+        None, "Attention kernel; null: as student.attn_implementation."
+    )
     trust_remote_code: bool | None = _field(
         None, "Allow the model repository to run its own code; null: as the student."
     )
@@ -132,6 +157,11 @@ class PoolConfig:
         8, "Pairs per forward pass; the largest of the running pools' is the streamed block."
     )
     max_restarts: int = _field(3, "Times a dead actor of this pool is restarted.")
+    resources: dict[str, float] = _field(
+        {},
+        "Custom Ray resources each actor asks for beside its CPUs/GPUs (e.g. {scorer: 1}): the "
+        "pool runs only on nodes started with them (ray start --resources).",
+    )
     cache: str = _field("memory", CACHE_HELP)
 
     def __post_init__(self) -> None:
@@ -143,6 +173,8 @@ class PoolConfig:
         _require(self.batch_size >= 1, f"{section}.batch_size", "must be >= 1")
         _require(self.max_restarts >= 0, f"{section}.max_restarts", "must be >= 0")
         _require(bool(self.cache.strip()), f"{section}.cache", "must be none, memory or a path")
+        own = {"CPU": f"{section}.num_cpus_per_actor", "GPU": f"{section}.num_gpus_per_actor"}
+        _check_resources(f"{section}.resources", self.resources, own)
 
 
 @dataclass
@@ -165,6 +197,11 @@ class TeacherConfig(PoolConfig):
 
     model: str | None = _field(
         "smollm2-135m-instruct", "Teacher model (preset, local directory or hub id)."
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] | None = _field(
+        "auto",
+        "Weights dtype (auto: float32 on CPU, bfloat16 on GPU, half the memory of the "
+        "student's float32 master weights); null: as student.dtype.",
     )
     cache: str = _field("memory", f"Teacher potentials (and top-k): {CACHE_HELP}")
     ref_model: str | None = _field(
@@ -281,13 +318,19 @@ class TrainConfig:
     """Ray Train student workers and the optimiser."""
 
     num_workers: int = _field(1, "Data-parallel student workers (Ray Train, DDP).")
-    use_gpu: bool = _field(False, "Give each worker one GPU.")
+    use_gpu: bool = _field(
+        False, "Give each worker a GPU (one, or resources_per_worker.GPU of one)."
+    )
     num_cpus_per_worker: float = _field(1.0, "CPUs reserved by each training worker.")
     batch_size: int = _field(8, "Pairs per worker per step (each forward holds 2x rows).")
     grad_accum: int = _field(1, "Micro-batches accumulated per optimiser step.")
     lr: float = _field(2e-5, "AdamW peak learning rate.")
     weight_decay: float = _field(0.0, "AdamW weight decay.")
-    warmup_ratio: float = _field(0.1, "Share of steps with linear warm-up before cosine decay.")
+    warmup_ratio: float = _field(
+        0.1,
+        "Share of the run (of its pairs, or of max_steps when that ends it) with linear warm-up "
+        "before the cosine decay, which ends at the run's last step.",
+    )
     epochs: int = _field(1, "Passes over the training pairs.")
     max_steps: int | None = _field(None, "Stop after this many optimiser steps (null: epochs).")
     max_grad_norm: float = _field(1.0, "Gradient clipping norm (0 disables).")
@@ -298,9 +341,16 @@ class TrainConfig:
         True, "Evaluate before the first step too, so every eval curve starts at the baseline."
     )
     max_failures: int = _field(0, "Worker failures Ray Train recovers from the last checkpoint.")
+    resources_per_worker: dict[str, float] = _field(
+        {},
+        "Ray resources of each worker, as in Ray Train's ScalingConfig (e.g. {trainer: 1}): "
+        "custom resources pin the workers to nodes that offer them; CPU here is "
+        "num_cpus_per_worker, GPU the share of a GPU per worker (needs use_gpu).",
+    )
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 1, "train.num_workers", "must be >= 1")
+        self._merge_cpu_gpu()
         _require(self.num_cpus_per_worker > 0, "train.num_cpus_per_worker", "must be > 0")
         _require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         _require(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
@@ -313,6 +363,28 @@ class TrainConfig:
         _require(self.save_every >= 0, "train.save_every", "must be >= 0")
         _require(self.eval_every >= 0, "train.eval_every", "must be >= 0")
         _require(self.max_failures >= 0, "train.max_failures", "must be >= 0")
+
+    def _merge_cpu_gpu(self) -> None:
+        """CPU in resources_per_worker is num_cpus_per_worker (one value, one place after
+        validation); GPU stays there as the per-worker share and needs use_gpu."""
+        key = "train.resources_per_worker"
+        self.resources_per_worker = dict(self.resources_per_worker)  # never the caller's dict
+        _check_resources(key, self.resources_per_worker, own_keys={})
+        if "CPU" in self.resources_per_worker:
+            cpus = float(self.resources_per_worker.pop("CPU"))
+            default = TrainConfig.num_cpus_per_worker
+            _require(
+                self.num_cpus_per_worker in (default, cpus),
+                f"{key}.CPU",
+                f"{cpus:g} disagrees with train.num_cpus_per_worker={self.num_cpus_per_worker:g}",
+            )
+            self.num_cpus_per_worker = cpus
+        gpus = self.resources_per_worker.get("GPU", 0.0)
+        _require(not gpus or self.use_gpu, f"{key}.GPU", "needs train.use_gpu=true")
+
+    @property
+    def gpus_per_worker(self) -> float:
+        return self.resources_per_worker.get("GPU", 1.0) if self.use_gpu else 0.0
 
 
 @dataclass
@@ -421,6 +493,14 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(key, value, inner[0])
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        key_type, value_type = args
+        return {
+            _coerce(key, k, key_type): _coerce(f"{key}.{k}", v, value_type)
+            for k, v in value.items()
+        }
     if origin is Literal:
         if value not in args:
             choices = " | ".join(str(a) for a in args)

@@ -34,10 +34,30 @@ def lm_head_params(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
 
 
 def row_sums(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Sum flat per-token values [N] (row-major over ``response_mask``) into per-row totals."""
+    """Sum flat per-token values [N] (row-major over ``response_mask``) into float32 per-row
+    totals, accumulated in float64: the student's and the reference's sums of equal token
+    log-probs then agree to the bit, whatever order the values arrive in."""
     rows = response_mask.nonzero(as_tuple=True)[0]
-    totals = torch.zeros(response_mask.shape[0], dtype=values.dtype, device=values.device)
-    return totals.index_add(0, rows, values)
+    totals = torch.zeros(response_mask.shape[0], dtype=torch.float64, device=values.device)
+    return totals.index_add(0, rows, values.double()).float()
+
+
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def autocast_dtype(setting: str, device_type: str) -> str | None:
+    """The dtype a forward autocasts to: ``auto`` is bfloat16 on CUDA and none on CPU."""
+    if setting == "auto":
+        return "bfloat16" if device_type == "cuda" else None
+    return None if setting == "none" else setting
+
+
+def autocast(dtype: str | None, device_type: str):
+    """The autocast context of a resolved ``autocast_dtype`` (a no-op for None)."""
+    enabled = dtype is not None
+    return torch.autocast(
+        device_type, dtype=AUTOCAST_DTYPES.get(dtype, torch.bfloat16), enabled=enabled
+    )
 
 
 class ResponseLogps(nn.Module):

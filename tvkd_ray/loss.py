@@ -11,6 +11,11 @@ import torch.nn.functional as F
 
 # Lower bound of the "rest" probability in kd_loss: 1 − Σ top-k can round to ≤ 0 in float32.
 _MIN_REST_PROB = 1e-6
+# A margin within TIE_RTOL · β · (|log π_θ(y⁺)| + |log π_θ(y⁻)| + |log π_ref(y⁺)| + |log π_ref(y⁻)|)
+# of 0 is a tie, never a win: equal models scoring the same pair in batches of other shapes
+# differ by float rounding, measured at ≤ 6.4e-8 of that sum on CPU (docs/RELIABILITY.md);
+# 1e-6 is about two float32 ulps of it.
+TIE_RTOL = 1e-6
 
 
 @dataclass
@@ -23,6 +28,11 @@ class TVKDLossOutput:
     chosen_shaping: torch.Tensor
     rejected_shaping: torch.Tensor
     margins: torch.Tensor
+    tie_tolerance: torch.Tensor  # |margin| at or below it is a tie (TIE_RTOL)
+
+    def wins(self, margins: torch.Tensor) -> torch.Tensor:
+        """Pairs whose ``margins`` prefer the chosen response beyond float rounding, ``[B]``."""
+        return margins > self.tie_tolerance
 
 
 def shaping_return(
@@ -82,6 +92,8 @@ def tvkd_loss(
     margins = (chosen_rewards + chosen_shaping) - (rejected_rewards + rejected_shaping)
     eps = label_smoothing
     losses = -(1.0 - eps) * F.logsigmoid(margins) - eps * F.logsigmoid(-margins)
+    logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    magnitude = sum(lp.detach().abs() for lp in logps)
     return TVKDLossOutput(
         loss=losses.mean(),
         chosen_rewards=chosen_rewards.detach(),
@@ -89,6 +101,7 @@ def tvkd_loss(
         chosen_shaping=chosen_shaping,
         rejected_shaping=rejected_shaping,
         margins=margins.detach(),
+        tie_tolerance=TIE_RTOL * beta * magnitude,
     )
 
 
@@ -147,13 +160,16 @@ def preference_metrics(
         "rewards/chosen": out.chosen_rewards.mean().item(),
         "rewards/rejected": out.rejected_rewards.mean().item(),
         "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean().item(),
-        "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean().item(),
+        "rewards/accuracies": out.wins(out.chosen_rewards - out.rejected_rewards)
+        .float()
+        .mean()
+        .item(),
         "logps/chosen": policy_logps.chosen.detach().mean().item(),
         "logps/rejected": policy_logps.rejected.detach().mean().item(),
         "tvkd/shaping_chosen": out.chosen_shaping.mean().item(),
         "tvkd/shaping_rejected": out.rejected_shaping.mean().item(),
         "tvkd/shaped_margins": out.margins.mean().item(),
-        "tvkd/shaped_accuracies": (out.margins > 0).float().mean().item(),
+        "tvkd/shaped_accuracies": out.wins(out.margins).float().mean().item(),
     }
     if potentials is not None and masks is not None:
         sides = ((potentials.chosen, masks.chosen), (potentials.rejected, masks.rejected))

@@ -325,6 +325,7 @@ def load_model(
     dtype: str = "float32",
     device_map: str | dict | None = None,
     trust_remote_code: bool = False,
+    attn_implementation: str = "sdpa",
 ) -> PreTrainedModel:
     """Load a causal LM from safetensors; ``dtype`` is float32 | bfloat16 | float16 | auto."""
     if dtype not in _DTYPES:
@@ -340,8 +341,9 @@ def load_model(
             device_map=device_map,
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
         )
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, ImportError) as err:
         raise ModelError(f"cannot load model '{name_or_path}': {_first_line(err)}") from err
 
 

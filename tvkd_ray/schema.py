@@ -22,6 +22,14 @@ CHOSEN_TOPK_IDS, CHOSEN_TOPK_LOGPS = "chosen_topk_ids", "chosen_topk_logps"
 REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS = "ref_chosen_logps", "ref_rejected_logps"
 TEACHER_S, REFERENCE_S = "teacher_s", "reference_s"
 
+# The datasets Ray Train hands the workers: one per training epoch, each in its own order.
+EVAL_DATASET = "eval"
+
+
+def train_dataset(epoch: int) -> str:
+    return f"train_{epoch}"
+
+
 _IDS = pa.list_(pa.int32())
 _FLOATS = pa.list_(pa.float32())
 

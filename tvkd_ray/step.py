@@ -14,7 +14,7 @@ import torch
 from tvkd_ray import schema
 from tvkd_ray.config import TVKDConfig
 from tvkd_ray.data import PairBatch, collate
-from tvkd_ray.forward import row_sums
+from tvkd_ray.forward import autocast, row_sums
 from tvkd_ray.loss import bc_loss, kd_loss, preference_metrics, tvkd_loss
 
 
@@ -67,11 +67,19 @@ def _per_position(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Te
 class StudentStep:
     """Loss of one batch of scored pairs under the objective, plus metric sums over its pairs."""
 
-    def __init__(self, objective: Objective, policy: torch.nn.Module, pad_id: int, device):
+    def __init__(
+        self,
+        objective: Objective,
+        policy: torch.nn.Module,
+        pad_id: int,
+        device,
+        autocast_to: str | None = None,
+    ):
         self.objective = objective
         self.policy = policy  # a ResponseLogps, possibly DDP-wrapped
         self.pad_id = pad_id
         self.device = torch.device(device)
+        self.autocast_to = autocast_to  # resolved student.autocast (forward.autocast_dtype)
 
     def __call__(self, table: pa.Table) -> tuple[torch.Tensor, dict[str, float]]:
         """(mean loss over the table's pairs, metric sums over them; ``pairs`` among the sums)."""
@@ -116,8 +124,8 @@ class StudentStep:
         return loss, sums
 
     def _forward(self, input_ids, attention_mask, response_mask, topk_ids=None):
-        # fp32 weights everywhere; on GPU the forward runs under bf16 autocast.
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        # The reference actors run the same numerics (weights dtype and autocast).
+        with autocast(self.autocast_to, self.device.type):
             return self.policy(input_ids, attention_mask, response_mask, topk_ids)
 
     def _sft(self, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
