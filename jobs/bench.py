@@ -17,7 +17,7 @@ each in ``jobs/benchmarks/``:
 * ``payload``: Arrow bytes per response token the teacher adds (Φ only, and with top-32).
 * ``trl``: DPO mode (α = 0) of tvkd-ray vs TRL's ``DPOTrainer`` with precomputed reference
   log-probs, same model, data, batch size and lengths; the bare loop for reference.
-* ``scaling``: DPO-mode tokens/s with 1 and 2 Ray Train workers (one CPU each).
+* ``scaling``: DPO-mode tokens/s with 1, 2 and 4 Ray Train workers (one CPU each).
 
 Tokens are counted as the trainer counts them: non-pad tokens of the 2B-row (chosen + rejected)
 batches. Steady state drops the first steps (start-up, lazy allocations) and takes medians of

@@ -5,7 +5,8 @@ prints one JSON line of what happened.
 
 ``python tests/cluster_scenarios.py scorer-node OUT``: trainers pinned to the head by a custom
 resource, the teacher and the reference on two "scorer" nodes (``teacher.resources``,
-``reference.resources``), the node running the teacher removed mid-epoch; ``cache: none``.
+``reference.resources``), the node running the teacher removed mid-epoch; ``cache: none``; one
+eval pair for two workers.
 
 ``python tests/cluster_scenarios.py trainer-node OUT``: the worker's node removed after a
 checkpoint; Ray Train restarts it on the spare trainer node from that checkpoint.
@@ -30,9 +31,9 @@ os.environ["TVKD_FAULT"] = "teacher:1:none:delay=0.3"
 NUM_PAIRS = 96
 
 
-def write_pairs(path: Path) -> Path:
+def write_pairs(path: Path, count: int, offset: int = 0) -> Path:
     with open(path, "w") as f:
-        for i in range(NUM_PAIRS):
+        for i in range(offset, offset + count):
             a, b = i % 9 + 1, i // 9 + 2
             prompt = f"User: What is {a} plus {b}?\nAssistant:"
             chosen, rejected = f" {a} + {b} = {a + b}.", f" {a} + {b} = {a + b + 1}."
@@ -45,6 +46,7 @@ SCENARIOS = {
     "scorer-node": {
         "nodes": [(4, {"trainer": 2}), (2, {"scorer": 2}), (2, {"scorer": 2})],
         "victim": "TeacherPotentials",
+        "eval_pairs": 1,  # fewer eval pairs than workers
         "overrides": [
             "teacher.resources={scorer: 1}",
             "reference.resources={scorer: 1}",
@@ -60,6 +62,7 @@ SCENARIOS = {
     "trainer-node": {
         "nodes": [(3, {}), (1, {"trainer": 1}), (1, {"trainer": 1})],
         "victim": "RayTrainWorker",
+        "eval_pairs": 4,
         "overrides": [
             "train.resources_per_worker={trainer: 1}",
             "train.max_failures=1",
@@ -70,8 +73,8 @@ SCENARIOS = {
 
 
 class NodeRemover:
-    """Removes the node running the victim actor once the first checkpoint exists (and, for a
-    pool actor, while it is alive): that is mid-epoch of the first of two epochs."""
+    """Removes the node running the victim actor once Ray Train has registered a checkpoint
+    (and, for a pool actor, while it is alive): that is mid-epoch of the first of two epochs."""
 
     def __init__(self, cluster, nodes, victim: str, run_dir: Path):
         self.cluster, self.nodes, self.victim, self.run_dir = cluster, nodes, victim, run_dir
@@ -86,7 +89,9 @@ class NodeRemover:
         return None
 
     def run(self) -> None:
-        while not list((self.run_dir / "train").glob("checkpoint_*")):
+        # Written by Ray Train's controller once it holds a checkpoint; a checkpoint directory
+        # alone may not be registered yet (then a restart starts from the one before).
+        while not (self.run_dir / "train" / "checkpoint_manager_snapshot.json").exists():
             time.sleep(0.2)
         while (node := self._victim_node()) is None:
             time.sleep(0.2)
@@ -130,8 +135,8 @@ def main(name: str, out: Path) -> None:
         [
             f"run.output_dir={out}",
             f"run.name={name}",
-            f"data.train_path={write_pairs(out / 'train.jsonl')}",
-            "data.eval_path=null",
+            f"data.train_path={write_pairs(out / 'train.jsonl', NUM_PAIRS)}",
+            f"data.eval_path={write_pairs(out / 'eval.jsonl', scenario['eval_pairs'], 1000)}",
             f"tracking.uri=sqlite:///{out / 'mlflow.db'}",
             "train.batch_size=4",
             "train.epochs=2",

@@ -48,13 +48,14 @@ def test_losing_the_teacher_node_mid_epoch_loses_no_pair(tmp_path):
     """Trainers pinned to the head (train.resources_per_worker), teacher and reference on two
     scorer nodes (teacher.resources / reference.resources), cache none, 2 epochs: the node
     running the teacher goes mid-epoch; Ray Data restarts the actor on the other scorer node
-    and retries its blocks, and the trainers never notice."""
+    and retries its blocks, and the trainers never notice. Two workers evaluate one pair."""
     report = _scenario("scorer-node", tmp_path)
     assert report["node"] and report["epochs_finished_before"] == 0  # removed in epoch 0
     _assert_every_pair_once_per_epoch(report)
     run = _one_finished_run(report)
     assert "tvkd.resumed_from_step" not in run.data.tags  # no trainer had to restart
     assert run.data.metrics["tvkd/potential_mean"] != 0
+    assert run.data.metrics["eval/num_pairs"] == 1
 
 
 def test_losing_the_trainer_node_resumes_from_the_last_checkpoint(tmp_path):

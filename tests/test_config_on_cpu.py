@@ -151,7 +151,7 @@ def test_custom_resources_place_pools_and_workers():
         "teacher.resources={GPU: 1}": r"^teacher.resources.GPU: set it with teacher.num_gpus",
         "reference.resources={scorer: -1}": r"^reference.resources.scorer: must be >= 0",
         "teacher.resources=3": r"^teacher.resources: expected a mapping, got int 3$",
-        "train.resources_per_worker={GPU: 1}": r"^train.resources_per_worker.GPU: needs train.use_gpu",
+        "train.resources_per_worker={GPU: 1}": r"^train.resources_per_worker.GPU: needs train.use",
     }
     for override, message in bad.items():
         with pytest.raises(ConfigError, match=message):
@@ -198,3 +198,13 @@ def test_yaml_round_trip():
     cfg = load_config(None, ["loss.alpha=0.7", "run.name=x"])
     assert cfg != load_config()
     assert config_from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
+
+
+def test_every_example_config_loads():
+    configs = sorted(p for p in (REPO / "examples").glob("*.yaml") if p.name != "runtime_env.yaml")
+    assert len(configs) >= 8
+    for path in configs:
+        load_config(path)
+    pools_example = load_config(REPO / "examples" / "cluster_pools.yaml")
+    assert pools_example.teacher.resources == pools_example.reference.resources == {"scorer": 1}
+    assert pools_example.train.resources_per_worker == {"trainer": 1}

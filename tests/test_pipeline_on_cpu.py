@@ -25,8 +25,9 @@ from driver import cache as score_cache  # noqa: E402
 from driver import inputs, pools, streams  # noqa: E402
 from tvkd_ray import schema  # noqa: E402
 from tvkd_ray.config import load_config  # noqa: E402
-from tvkd_ray.data import load_pairs, tokenize_batch  # noqa: E402
+from tvkd_ray.data import collate, load_pairs, tokenize_batch  # noqa: E402
 from tvkd_ray.errors import ResourceError  # noqa: E402
+from tvkd_ray.forward import ResponseLogps, row_sums  # noqa: E402
 from tvkd_ray.models import load_model, load_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,6 +120,23 @@ def test_stream_delivers_every_pair_once_with_direct_values(ray_cluster, make_co
     # Streamed, not cached: the executed plan ran both model pools.
     stats = train.stats()
     assert "TeacherPotentials" in stats and "ReferenceLogps" in stats
+    assert_student_matches_reference_exactly(rows, paths)
+
+
+def assert_student_matches_reference_exactly(rows: pa.Table, paths) -> None:
+    """At step 0 the student is the reference: its log-probs, in micro-batches of another size
+    (other padding) than the reference pool's, equal the streamed ones to the bit, so every
+    policy/reference margin is exactly 0 (same device type, same numerics)."""
+    policy = ResponseLogps(load_model(paths.student_init))
+    pad_id = load_tokenizer(paths.student_init).pad_token_id
+    for start in range(0, rows.num_rows, 3):
+        table = rows.slice(start, 3)
+        batch = collate(table, pad_id)
+        with torch.no_grad():
+            logps, _ = policy(batch.input_ids, batch.attention_mask, batch.response_mask)
+        sides = batch.sides(row_sums(logps, batch.response_mask))
+        for got, column in zip((sides.chosen, sides.rejected), schema.REF_LOGPS, strict=True):
+            assert got.tolist() == table.column(column).to_pylist()
 
 
 def test_teacher_cache_reuses_matching_parquet_and_recomputes_on_change(

@@ -12,8 +12,10 @@ import torch  # noqa: E402
 from test_actors_on_cpu import PAIRS, direct_logits, direct_token_logps, tokenized  # noqa: E402
 
 from actors.inference import FrozenModelSpec  # noqa: E402
+from actors.lockstep import Lockstep  # noqa: E402
 from actors.reference import ReferenceLogps  # noqa: E402
 from actors.teacher import TeacherPotentials, TeacherSpec  # noqa: E402
+from actors.trainer import LearningRate  # noqa: E402
 from tvkd_ray import schema  # noqa: E402
 from tvkd_ray.config import load_config  # noqa: E402
 from tvkd_ray.forward import ResponseLogps  # noqa: E402
@@ -84,3 +86,46 @@ def test_behaviour_cloning_and_kd_add_their_terms(student, scored):
     # What crossed from the teacher: its columns' bytes, the top-k included.
     payload = sum(scored.column(c).nbytes for c in schema.TEACHER_PAYLOAD)
     assert kd_sums["payload_bytes"] == base_sums["payload_bytes"] == payload
+
+
+class Alone:
+    """The collectives of a single worker (what actors.lockstep.Collective is with world 1)."""
+
+    rank, world = 0, 1
+
+    def sum(self, values):
+        return list(values)
+
+    def gather(self, value):
+        return [value]
+
+
+def test_a_step_of_uneven_micro_batches_averages_over_its_pairs(student, scored):
+    """grad_accum=2 over micro-batches of 2 pairs and 1: the step's gradient is the mean over
+    its 3 pairs (the one-pair micro-batch is not over-weighted), as for one batch of 3."""
+    step = step_for(student)
+    placeholder = schema.placeholder(scored.schema, 0, 0)
+    micro = [(scored.slice(0, 2), 0.0), (scored.slice(2, 1), 0.0)]
+    batches = Lockstep(Alone(), micro, placeholder).next_step(2)
+    assert [b.weight for b in batches] == pytest.approx([2 / 3, 1 / 3])
+    student.zero_grad()
+    for batch in batches:
+        (step(batch.table)[0] * batch.weight).backward()
+    accumulated = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    step(scored)[0].backward()
+    for got, want in zip(accumulated, (p.grad for p in student.parameters()), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    student.zero_grad()
+
+
+def test_learning_rate_warms_up_then_decays_to_the_last_step():
+    """Over progress, not a planned step count: warm-up to the peak at warmup_ratio, cosine
+    after; the last step of the run (starting just before progress 1) gets a small rate."""
+    lr = LearningRate(1.0, warmup_ratio=0.25)
+    assert lr.factor(0.0, 0.125) == pytest.approx(0.5)
+    assert lr.factor(0.125, 0.25) == pytest.approx(1.0)
+    assert lr.factor(0.25, 0.5) == pytest.approx(1.0)
+    assert lr.factor(0.625, 0.75) == pytest.approx(0.5)
+    assert 0 < lr.factor(0.95, 1.0) < 0.02
+    assert LearningRate(1.0, 0.0).factor(0.0, 0.1) == 1.0

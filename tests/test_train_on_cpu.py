@@ -77,13 +77,15 @@ def _client(uri: str) -> mlflow.MlflowClient:
 
 @pytest.mark.faults
 def test_fit_api_two_workers_survives_a_dead_worker(ray_cluster, arm_fault, tmp_path):
-    """fit() through the API: 2 Ray Train workers, a teacher pool, a worker killed after the
-    step-5 update; the run recovers from its last checkpoint, trains every pair exactly once per
-    epoch, logs the SPEC §2.5 metrics to one MLflow run and saves a loadable model."""
+    """fit() through the API: 2 Ray Train workers, a teacher pool, an eval set of one block
+    (one worker's eval shard is empty), a worker killed after the step-5 update; the run
+    recovers from its last checkpoint, trains every pair exactly once per epoch, scores every
+    eval pair once per evaluation, logs the SPEC §2.5 metrics to one MLflow run and saves a
+    loadable model."""
     import tvkd_ray
 
     train = _write_pairs(tmp_path / "train.jsonl", 40)
-    evalp = _write_pairs(tmp_path / "eval.jsonl", 12, offset=100)
+    evalp = _write_pairs(tmp_path / "eval.jsonl", 3, offset=100)
     cfg = load_config(
         TINY,
         [
@@ -125,6 +127,11 @@ def test_fit_api_two_workers_survives_a_dead_worker(ray_cluster, arm_fault, tmp_
     steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")})
     assert steps == list(range(1, final_step + 1))
     assert run.data.params["loss.alpha"] == "0.5"
+    evaluated = client.get_metric_history(run.info.run_id, "eval/num_pairs")
+    assert {m.value for m in evaluated} == {3.0} and len(evaluated) >= 3  # step 0, 5, end
+    # Step 0: the policy is the reference, every margin a tie, so no pair is a win.
+    accuracy = client.get_metric_history(run.info.run_id, "eval/rewards/accuracies")
+    assert [m.value for m in accuracy if m.step == 0] == [0.0]
     assert run.data.metrics["perf/teacher_bytes_per_token"] <= 8
     assert all(np.isfinite(v) for v in run.data.metrics.values())
 
