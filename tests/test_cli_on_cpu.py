@@ -85,6 +85,8 @@ def _catalogue(tmp: Path) -> list[tuple[list[str], str]]:
         (["--loss.potential", "implicit_reward"], "teacher.ref_model"),
         (["--run.stage", "tvkd", "--teacher.model", "null"], "teacher.model"),
         (["--bogus"], "unexpected argument '--bogus'"),
+        (["--teacher.resources", "{GPU: 1}"], "teacher.resources.GPU: set it with teacher.num"),
+        (["--teacher.resources", "{scorer: 1}"], "0 of resource 'scorer' but the run needs 1"),
         (["--config", str(tmp / "nope.yaml")], "cannot read config file"),
         (["--student.model", str(tmp / "no-such-model")], "no-such-model"),
         (["--teacher.model", "smollm2-135m-instruct"], "differ"),  # tokenizer mismatch
