@@ -27,7 +27,8 @@ def resolve_dtype(dtype: str, device_type: str) -> str:
 
 
 def place(num_gpus: float, dtype: str) -> tuple[str, str, str | None]:
-    """(device, dtype, device_map): GPUs when reserved and present, bf16 there, fp32 on CPU."""
+    """(device, dtype, device_map): a GPU when reserved and present; ``auto`` dtype resolved
+    there (bf16 on a GPU, fp32 on CPU)."""
     device = "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
     # A teacher larger than one GPU is spread over the actor's GPUs by accelerate.
     device_map = "auto" if device == "cuda" and num_gpus > 1 else None

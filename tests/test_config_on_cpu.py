@@ -11,6 +11,7 @@ from driver import pools
 from driver.inputs import ModelPaths
 from driver.streams import rows_per_block
 from tvkd_ray.config import (
+    TeacherConfig,
     TVKDConfig,
     config_from_dict,
     config_reference_markdown,
@@ -156,6 +157,15 @@ def test_custom_resources_place_pools_and_workers():
     for override, message in bad.items():
         with pytest.raises(ConfigError, match=message):
             load_config(None, [override])
+    with pytest.raises(ConfigError, match=r"GPU: must be > 0 with train.use_gpu, got 0$"):
+        load_config(None, ["train.use_gpu=true", "train.resources_per_worker={GPU: 0}"])
+    # Every config has dicts of its own: changing one never changes another.
+    mine = {"scorer": 1.0}
+    one, two = load_config(None, []), load_config(None, [])
+    one.teacher.resources["gpu_pool"] = 1.0
+    assert two.teacher.resources == {} and one.reference.resources == {}
+    assert TVKDConfig().teacher.resources == {}
+    assert TeacherConfig(resources=mine).resources is not mine
     with pytest.raises(ConfigError, match=r"CPU: 2 disagrees with train.num_cpus_per_worker=3"):
         load_config(None, ["train.num_cpus_per_worker=3", "train.resources_per_worker={CPU: 2}"])
 

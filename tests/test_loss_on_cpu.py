@@ -299,39 +299,29 @@ def test_float_noise_margins_are_ties_not_wins():
     """Policy = reference up to float rounding (margins of ~1e-7 of the log-probs) counts no
     win in any accuracy; a margin above the tolerance does."""
     ref = torch.tensor([-300.0, -420.0, -250.0])
-    noise = ref * 6.4e-8 * torch.tensor([1.0, -1.0, 1.0])  # as measured between batch shapes
     rejected = torch.tensor([-310.0, -400.0, -260.0])
-    zeros = torch.zeros(3, 4)
     mask = torch.ones(3, 4, dtype=torch.bool)
-    out = tvkd_loss(
-        policy_chosen_logps=ref + noise,
-        policy_rejected_logps=rejected,
-        ref_chosen_logps=ref,
-        ref_rejected_logps=rejected,
-        chosen_potentials=zeros,
-        rejected_potentials=zeros,
-        chosen_mask=mask,
-        rejected_mask=mask,
-        beta=0.1,
-        alpha=0.5,
-        gamma=1.0,
-    )
-    assert (out.chosen_rewards - out.rejected_rewards != 0).any()  # the noise is there
-    metrics = preference_metrics(out, policy_logps=Sides(ref + noise, rejected))
-    assert metrics["rewards/accuracies"] == 0.0 and metrics["tvkd/shaped_accuracies"] == 0.0
-    learnt = ref + torch.tensor([0.01, -0.01, 0.01])  # 1e-3 reward units: a real preference
-    out = tvkd_loss(
-        policy_chosen_logps=learnt,
-        policy_rejected_logps=rejected,
-        ref_chosen_logps=ref,
-        ref_rejected_logps=rejected,
-        chosen_potentials=None,
-        rejected_potentials=None,
-        chosen_mask=mask,
-        rejected_mask=mask,
-        beta=0.1,
-        alpha=0.0,
-        gamma=1.0,
-    )
-    metrics = preference_metrics(out, policy_logps=Sides(learnt, rejected))
-    assert metrics["rewards/accuracies"] == pytest.approx(2 / 3)
+
+    def metrics_of(policy_chosen: torch.Tensor) -> dict[str, float]:
+        out = tvkd_loss(
+            policy_chosen_logps=policy_chosen,
+            policy_rejected_logps=rejected,
+            ref_chosen_logps=ref,
+            ref_rejected_logps=rejected,
+            chosen_potentials=torch.zeros(3, 4),
+            rejected_potentials=torch.zeros(3, 4),
+            chosen_mask=mask,
+            rejected_mask=mask,
+            beta=0.1,
+            alpha=0.5,
+            gamma=1.0,
+        )
+        return preference_metrics(out, policy_logps=Sides(policy_chosen, rejected))
+
+    noise = ref * 6.4e-8 * torch.tensor([1.0, -1.0, 1.0])  # as measured between batch shapes
+    assert ((ref + noise) != ref).any()  # the noise is there
+    noisy = metrics_of(ref + noise)
+    assert noisy["rewards/accuracies"] == 0.0 and noisy["tvkd/shaped_accuracies"] == 0.0
+    learnt = metrics_of(ref + torch.tensor([0.01, -0.01, 0.01]))  # 1e-3 reward: a preference
+    assert learnt["rewards/accuracies"] == pytest.approx(2 / 3)
+    assert learnt["tvkd/shaped_accuracies"] == pytest.approx(2 / 3)

@@ -8,6 +8,7 @@ combinations raise :class:`~tvkd_ray.errors.ConfigError` with one line naming th
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -28,7 +29,10 @@ BUNDLED_DATA = REPO_ROOT / "examples" / "data" / "bundled"
 def _field(default: Any, help: str, **kwargs: Any) -> Any:
     """A dataclass field with its documentation, shown by ``--help`` and in docs/CONFIG.md."""
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: default, metadata={"help": help}, **kwargs)
+        # A fresh copy per instance: configs never share a mutable default.
+        return field(
+            default_factory=lambda: copy.deepcopy(default), metadata={"help": help}, **kwargs
+        )
     return field(default=default, metadata={"help": help}, **kwargs)
 
 
@@ -98,7 +102,7 @@ class StudentConfig:
         "Dtype of the weights the trainers hold and update (float32: master weights of mixed "
         "precision). The reference holds the same unless reference.dtype says otherwise.",
     )
-    autocast: Literal["auto", "bfloat16", "float16", "none"] = _field(
+    autocast: Literal["auto", "bfloat16", "none"] = _field(
         "auto",
         "Dtype the forward passes compute in (torch.autocast); auto: bfloat16 on GPU, none on "
         "CPU. With the reference's dtype and autocast left null the reference scores exactly "
@@ -122,7 +126,8 @@ class StudentConfig:
 
 
 CACHE_HELP = (
-    "none: score every epoch; memory: score once and keep the results in the object store; a "
+    "none: score every epoch, streaming; memory: score once before training and keep the "
+    "results in the object store (one copy per epoch, each in its own order); a "
     "directory path: write Parquet keyed by a fingerprint of the data, tokenizer, models and "
     "settings, and reuse it when it matches."
 )
@@ -174,6 +179,7 @@ class PoolConfig:
         _require(self.max_restarts >= 0, f"{section}.max_restarts", "must be >= 0")
         _require(bool(self.cache.strip()), f"{section}.cache", "must be none, memory or a path")
         own = {"CPU": f"{section}.num_cpus_per_actor", "GPU": f"{section}.num_gpus_per_actor"}
+        self.resources = dict(self.resources)  # never the caller's dict
         _check_resources(f"{section}.resources", self.resources, own)
 
 
@@ -379,8 +385,10 @@ class TrainConfig:
                 f"{cpus:g} disagrees with train.num_cpus_per_worker={self.num_cpus_per_worker:g}",
             )
             self.num_cpus_per_worker = cpus
-        gpus = self.resources_per_worker.get("GPU", 0.0)
-        _require(not gpus or self.use_gpu, f"{key}.GPU", "needs train.use_gpu=true")
+        if "GPU" in self.resources_per_worker:
+            gpus = self.resources_per_worker["GPU"]
+            _require(self.use_gpu, f"{key}.GPU", "needs train.use_gpu=true")
+            _require(gpus > 0, f"{key}.GPU", f"must be > 0 with train.use_gpu, got {gpus:g}")
 
     @property
     def gpus_per_worker(self) -> float:
