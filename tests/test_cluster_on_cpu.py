@@ -26,7 +26,9 @@ def _scenario(name: str, out: Path) -> dict:
         timeout=900,
     )
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    # Ray may print a raylet line after the report: take the report's own line.
+    (report,) = [line for line in proc.stdout.splitlines() if line.startswith('{"')]
+    return json.loads(report)
 
 
 def _assert_every_pair_once_per_epoch(report: dict) -> None:
