@@ -89,7 +89,8 @@ def scored(*, teacher: bool, kd: bool, reference: bool) -> pa.Schema:
 
 def placeholder(schema: pa.Schema, pad_id: int, top_k: int) -> pa.Table:
     """One pair of ``schema`` with a one-token prompt and responses (pad tokens, zero values):
-    a worker whose shard ran dry steps on it with weight 0 to join DDP's all-reduce."""
+    a worker whose shard ran dry runs it with weight 0 to join the model's collectives (DDP's
+    gradient all-reduce in training, its buffer broadcast in evaluation)."""
     per_token = {CHOSEN_TOPK_IDS: [pad_id] * top_k, CHOSEN_TOPK_LOGPS: [-1.0] * top_k}
     values = {}
     for f in schema:
