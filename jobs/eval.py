@@ -46,7 +46,7 @@ from tvkd_ray.data import (  # noqa: E402
 )
 from tvkd_ray.errors import DataError, TVKDError  # noqa: E402
 from tvkd_ray.forward import ResponseLogps, row_sums  # noqa: E402
-from tvkd_ray.loss import TIE_RTOL  # noqa: E402
+from tvkd_ray.loss import tie_tolerance  # noqa: E402
 from tvkd_ray.models import check_tokenizers_compatible, load_model, load_tokenizer  # noqa: E402
 
 # ------------------------------------------------------------------------------------ scoring
@@ -79,14 +79,15 @@ def reward_margins(
         batch = collate(tokens.slice(start, batch_size), pad_token_id)
         rows = (batch.input_ids, batch.attention_mask, batch.response_mask)
         logps = sequence_logps(model, *rows)
-        magnitude = logps.abs()
+        scored = [batch.sides(logps)]  # the pair's log-probs, for the tie tolerance
         if ref_model is not None:
             ref_logps = sequence_logps(ref_model, *rows)
-            magnitude = beta * (magnitude + ref_logps.abs())
+            scored.append(batch.sides(ref_logps))
             logps = beta * (logps - ref_logps)
-        sides, scale = batch.sides(logps), batch.sides(magnitude)
+        sides = batch.sides(logps)
         margin = sides.chosen - sides.rejected
-        tie = margin.abs() <= TIE_RTOL * (scale.chosen + scale.rejected)
+        each = [t for pair in scored for t in (pair.chosen, pair.rejected)]
+        tie = margin.abs() <= tie_tolerance(beta if ref_model is not None else 1.0, *each)
         margins.append(torch.where(tie, 0.0, margin))
     return torch.cat(margins).numpy()
 

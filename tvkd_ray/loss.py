@@ -18,6 +18,12 @@ _MIN_REST_PROB = 1e-6
 TIE_RTOL = 1e-6
 
 
+def tie_tolerance(beta: float, *sequence_logps: torch.Tensor) -> torch.Tensor:
+    """Per pair, the |margin| at or below which a margin is a tie: ``TIE_RTOL · β · Σ |log-prob|``
+    over the pair's sequence log-probs (policy and, where there is one, reference; ``[B]`` each)."""
+    return TIE_RTOL * beta * sum(logps.detach().abs() for logps in sequence_logps)
+
+
 @dataclass
 class TVKDLossOutput:
     """Result of ``tvkd_loss``: the differentiable loss and detached per-pair diagnostics ([B])."""
@@ -93,7 +99,6 @@ def tvkd_loss(
     eps = label_smoothing
     losses = -(1.0 - eps) * F.logsigmoid(margins) - eps * F.logsigmoid(-margins)
     logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    magnitude = sum(lp.detach().abs() for lp in logps)
     return TVKDLossOutput(
         loss=losses.mean(),
         chosen_rewards=chosen_rewards.detach(),
@@ -101,7 +106,7 @@ def tvkd_loss(
         chosen_shaping=chosen_shaping,
         rejected_shaping=rejected_shaping,
         margins=margins.detach(),
-        tie_tolerance=TIE_RTOL * beta * magnitude,
+        tie_tolerance=tie_tolerance(beta, *logps),
     )
 
 
