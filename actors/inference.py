@@ -15,7 +15,7 @@ import torch
 from actors.faults import maybe_crash
 from tvkd_ray import schema
 from tvkd_ray.data import PairBatch, collate
-from tvkd_ray.forward import autocast, autocast_dtype, lm_head_params, response_hidden
+from tvkd_ray.forward import autocast, autocast_dtype, response_hidden
 from tvkd_ray.models import load_model, load_tokenizer
 
 
@@ -24,15 +24,6 @@ def resolve_dtype(dtype: str, device_type: str) -> str:
     if dtype == "auto":
         return "bfloat16" if device_type == "cuda" else "float32"
     return dtype
-
-
-def place(num_gpus: float, dtype: str) -> tuple[str, str, str | None]:
-    """(device, dtype, device_map): a GPU when reserved and present; ``auto`` dtype resolved
-    there (bf16 on a GPU, fp32 on CPU)."""
-    device = "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
-    # A teacher larger than one GPU is spread over the actor's GPUs by accelerate.
-    device_map = "auto" if device == "cuda" and num_gpus > 1 else None
-    return device, resolve_dtype(dtype, device), device_map
 
 
 @dataclass(frozen=True)
@@ -47,13 +38,21 @@ class FrozenModelSpec:
     trust_remote_code: bool = False
     num_gpus: float = 0.0
     num_threads: int | None = None  # torch threads of the actor's process; None: torch's own
+    device_map: dict[str, str] | None = None  # accelerate's; None: the device, or auto (place)
+    offload_folder: str | None = None  # for the device_map's disk entries
     # On CPU the actors share cores with the trainers, and Ray Data lets them run ahead: at equal
     # priority they slowed the trainer's step, the critical path, 1.7-2x (docs/BENCHMARKS.md).
     # Under SCHED_IDLE they take only the cycles left over.
     idle_priority: bool = False
 
     # Fields that only place the work; every other field changes what the actor computes.
-    PLACEMENT: ClassVar[tuple[str, ...]] = ("num_gpus", "num_threads", "idle_priority")
+    PLACEMENT: ClassVar[tuple[str, ...]] = (
+        "num_gpus",
+        "num_threads",
+        "device_map",
+        "offload_folder",
+        "idle_priority",
+    )
     # Fields naming a model, fingerprinted by their files' content.
     MODELS: ClassVar[tuple[str, ...]] = ("model",)
 
@@ -72,6 +71,15 @@ class FrozenModelSpec:
         return fields
 
 
+def place(spec: FrozenModelSpec) -> tuple[str, str, str | dict | None]:
+    """(device, dtype, device_map): a GPU when reserved and present; ``auto`` dtype resolved
+    there (bf16 on a GPU, fp32 on CPU); the spec's device_map, if any."""
+    device = "cuda" if spec.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    # A teacher larger than one GPU is spread over the actor's GPUs by accelerate.
+    device_map = spec.device_map or ("auto" if device == "cuda" and spec.num_gpus > 1 else None)
+    return device, resolve_dtype(spec.dtype, device), device_map
+
+
 class FrozenModel:
     """A frozen causal LM in eval mode, scoring the response tokens of collated pair batches."""
 
@@ -81,7 +89,7 @@ class FrozenModel:
         self.spec = spec
         if spec.num_threads:
             torch.set_num_threads(spec.num_threads)
-        self.device, self.dtype, self.device_map = place(spec.num_gpus, spec.dtype)
+        self.device, self.dtype, self.device_map = place(spec)
         self.autocast = autocast_dtype(spec.autocast, self.device)
         if spec.idle_priority and self.device == "cpu" and hasattr(os, "SCHED_IDLE"):
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
@@ -95,6 +103,7 @@ class FrozenModel:
             name,
             dtype=self.dtype,
             device_map=self.device_map,
+            offload_folder=self.spec.offload_folder,
             trust_remote_code=self.spec.trust_remote_code,
             attn_implementation=self.spec.attn_implementation,
         )
@@ -111,15 +120,17 @@ class FrozenModel:
         self.batches += 1
         maybe_crash(self.role, self.batches)
         batch = collate(table.select(list(schema.TOKEN_IDS)), self.pad_id)
-        return batch.to(self.model.get_input_embeddings().weight.device)
+        weight = self.model.get_input_embeddings().weight
+        # An offloaded embedding has a meta weight; accelerate's hook moves the inputs for it.
+        return batch.to(self.device if weight.device.type == "meta" else weight.device)
 
     def hidden(self, model, batch: PairBatch) -> torch.Tensor:
         return response_hidden(model, batch.input_ids, batch.attention_mask, batch.response_mask)
 
     def score(self, table: pa.Table):
-        """(batch, hidden states at response-predicting positions, LM-head weight and bias)."""
+        """(batch, hidden states at response-predicting positions, LM-head module)."""
         batch = self.forward_batch(table)
-        return (batch, self.hidden(self.model, batch), *lm_head_params(self.model))
+        return batch, self.hidden(self.model, batch), self.model.get_output_embeddings()
 
 
 def with_timing(out: pa.Table, column: str, started: float) -> pa.Table:

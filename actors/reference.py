@@ -23,10 +23,10 @@ class ReferenceLogps(FrozenModel):
     def __call__(self, table: pa.Table) -> pa.Table:
         started = time.perf_counter()
         with self.precision():
-            batch, hidden, weight, bias = self.score(table)
+            batch, hidden, head = self.score(table)
             mask = batch.response_mask
-            logps = token_logps_from_hidden(hidden, weight, batch.input_ids[mask], bias)
-        sums = batch.sides(row_sums(logps, mask).cpu())
+            logps = token_logps_from_hidden(hidden, head, batch.input_ids[mask])
+        sums = batch.sides(row_sums(logps, mask.to(logps.device)).cpu())
         out = table.append_column(schema.REF_CHOSEN_LOGPS, pa.array(sums.chosen.numpy()))
         out = out.append_column(schema.REF_REJECTED_LOGPS, pa.array(sums.rejected.numpy()))
         return with_timing(out, schema.REFERENCE_S, started)

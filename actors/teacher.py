@@ -18,7 +18,6 @@ import torch
 
 from actors.inference import FrozenModel, FrozenModelSpec, split_rows, with_timing
 from tvkd_ray import schema
-from tvkd_ray.forward import lm_head_params
 from tvkd_ray.potentials import (
     implicit_reward_potentials,
     soft_value_from_hidden,
@@ -64,23 +63,23 @@ class TeacherPotentials(FrozenModel):
         return with_timing(out, schema.TEACHER_S, started)
 
     def _scored(self, table: pa.Table) -> pa.Table:
-        batch, hidden, weight, bias = self.score(table)
+        batch, hidden, head = self.score(table)
         mask = batch.response_mask
         if self.spec.potential == "soft_value":
-            phi = soft_value_from_hidden(hidden, weight, bias, **self.soft_value_args)
+            phi = soft_value_from_hidden(hidden, head, **self.soft_value_args)
         else:
-            phi = self._implicit_reward(batch, hidden, weight, bias)
+            phi = self._implicit_reward(batch, hidden, head)
         chosen, rejected = split_rows(phi.float().cpu().numpy(), mask, table.num_rows)
         out = table.append_column(schema.CHOSEN_POTENTIALS, chosen)
         out = out.append_column(schema.REJECTED_POTENTIALS, rejected)
         if self.spec.top_k > 0:
-            out = self._append_topk(out, hidden, weight, bias, batch.sides(mask).chosen)
+            out = self._append_topk(out, hidden, head, batch.sides(mask).chosen)
         return out
 
-    def _append_topk(self, out: pa.Table, hidden, weight, bias, chosen_mask) -> pa.Table:
+    def _append_topk(self, out: pa.Table, hidden, head, chosen_mask) -> pa.Table:
         """KD needs the chosen responses only: their positions come first in ``hidden``."""
         k = self.spec.top_k
-        ids, logps = topk_logps_from_hidden(hidden[: int(chosen_mask.sum())], weight, k, bias)
+        ids, logps = topk_logps_from_hidden(hidden[: int(chosen_mask.sum())], head, k)
         lengths = chosen_mask.sum(dim=1).cpu().numpy() * k
         offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
         ids = pa.array(ids.cpu().numpy().ravel().astype(np.int32))
@@ -88,16 +87,14 @@ class TeacherPotentials(FrozenModel):
         out = out.append_column(schema.CHOSEN_TOPK_IDS, pa.ListArray.from_arrays(offsets, ids))
         return out.append_column(schema.CHOSEN_TOPK_LOGPS, pa.ListArray.from_arrays(offsets, logps))
 
-    def _implicit_reward(self, batch, hidden, weight, bias) -> torch.Tensor:
+    def _implicit_reward(self, batch, hidden, head) -> torch.Tensor:
         """β_T · Σ_{k<t} [log π_T − log π_Tref] over each row's response tokens, flattened."""
         mask = batch.response_mask
         targets = batch.input_ids[mask]
-        teacher = token_logps_from_hidden(hidden, weight, targets, bias)
+        teacher = token_logps_from_hidden(hidden, head, targets)
         ref_hidden = self.hidden(self.ref, batch)
-        ref_weight, ref_bias = lm_head_params(self.ref)
-        ref = token_logps_from_hidden(
-            ref_hidden, ref_weight, targets.to(ref_hidden.device), ref_bias
-        )
+        ref = token_logps_from_hidden(ref_hidden, self.ref.get_output_embeddings(), targets)
+        mask = mask.to(teacher.device)  # the head's device, where a device_map puts it
         padded_t = torch.zeros(mask.shape, dtype=torch.float32, device=teacher.device)
         padded_r = torch.zeros_like(padded_t)
         padded_t[mask] = teacher.float()

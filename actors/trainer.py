@@ -8,7 +8,6 @@ step with the other workers (``actors.lockstep``), updates with AdamW, evaluates
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import tempfile
@@ -23,11 +22,13 @@ import torch
 from actors.checkpoint import TrainState, load_checkpoint, save_checkpoint, save_hf_model
 from actors.faults import maybe_crash
 from actors.lockstep import Collective, Lockstep, ShardReader
+from actors.parallel import strategy_for
 from actors.reporting import MetricWindow, eval_means, progress_line
 from tvkd_ray import runtime, schema
 from tvkd_ray.config import config_from_dict
+from tvkd_ray.errors import CheckpointError
 from tvkd_ray.forward import ResponseLogps, autocast_dtype
-from tvkd_ray.models import load_model, load_tokenizer
+from tvkd_ray.models import load_student, load_tokenizer
 from tvkd_ray.step import Objective, StudentStep, apply_gradients
 from tvkd_ray.tracking import RunLogger
 
@@ -89,17 +90,19 @@ class StudentTrainer:
         torch.set_num_threads(spec.torch_threads)
         runtime.set_defaults(runtime.MLFLOW_CLIENT_ENV)
         device = ray.train.torch.get_device()
-        student = cfg.student
-        self.model = load_model(
-            spec.student_path, dtype=student.dtype, attn_implementation=student.attn_implementation
+        self.model = load_student(
+            spec.student_path,
+            cfg.student,
+            gradient_checkpointing=cfg.train.gradient_checkpointing,
         )
         self.model.to(device).train()
         self.tokenizer = load_tokenizer(spec.student_path)
-        policy = ResponseLogps(self.model)
-        distributed = self.collective.world > 1
-        self.policy = ray.train.torch.prepare_model(policy) if distributed else policy.to(device)
+        self.strategy = strategy_for(cfg.train.strategy, self.collective.world, device)
+        self.policy = self.strategy.wrap(ResponseLogps(self.model))
+        # After wrapping: FSDP replaces the parameters by their shards. (LoRA: adapters only.)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+            trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
         )
         self.learning_rate = LearningRate(cfg.train.lr, cfg.train.warmup_ratio)
         self.step_fn = StudentStep(
@@ -107,7 +110,7 @@ class StudentTrainer:
             self.policy,
             self.tokenizer.pad_token_id,
             device,
-            autocast_dtype(student.autocast, device.type),
+            autocast_dtype(cfg.student.autocast, device.type),
         )
         self.state, self.consumed, resumed = self._restore()
         self.logger = RunLogger(
@@ -132,11 +135,16 @@ class StudentTrainer:
             fresh = TrainState(mlflow_run_id=self.spec.mlflow_run_id)
             return fresh, np.zeros(0, dtype=np.int64), False
         with checkpoint.as_directory() as ckpt_dir:
-            state, consumed = load_checkpoint(
-                Path(ckpt_dir), self.model, self.optimizer, checkpoint.path
+            restored = load_checkpoint(Path(ckpt_dir), checkpoint.path)
+        try:
+            self.strategy.load_state_dicts(
+                self.model, self.optimizer, restored.weights, restored.optimizer_state
             )
+        except CheckpointError as err:
+            raise CheckpointError(f"{checkpoint.path}: {err}") from None
+        state = restored.state
         state.mlflow_run_id = state.mlflow_run_id or self.spec.mlflow_run_id
-        return state, consumed, True
+        return state, restored.consumed, True
 
     @property
     def done(self) -> bool:
@@ -214,7 +222,7 @@ class StudentTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {"wait_s": 0.0}
         for i, batch in enumerate(batches):
-            with self._gradient_sync(last=i == len(batches) - 1):
+            with self.strategy.gradient_sync(self.policy, enabled=i == len(batches) - 1):
                 loss, batch_sums = self.step_fn(batch.table)
                 (loss * batch.weight).backward()
             if not batch.placeholder:
@@ -227,11 +235,6 @@ class StudentTrainer:
         maybe_crash("trainer", self.state.step)
         sums["step_s"] = time.perf_counter() - start
         return sums, grad_norm
-
-    def _gradient_sync(self, last: bool):
-        """DDP all-reduces the gradients once per step, on its last micro-batch."""
-        ddp = isinstance(self.policy, torch.nn.parallel.DistributedDataParallel)
-        return contextlib.nullcontext() if last or not ddp else self.policy.no_sync()
 
     def _every(self, interval: int) -> bool:
         return interval > 0 and self.state.step % interval == 0
@@ -272,10 +275,13 @@ class StudentTrainer:
         import ray.train
 
         ids = self.lockstep.trained_ids() if self.lockstep else self.consumed
+        rank0 = self.collective.rank == 0
+        if rank0 or self.strategy.gathers:
+            weights, optimizer_state = self.strategy.state_dicts(self.model, self.optimizer)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
-            if self.collective.rank == 0:
-                save_checkpoint(Path(tmp), self.model, self.optimizer, self.state, ids)
+            if rank0:
+                save_checkpoint(Path(tmp), weights, optimizer_state, self.state, ids)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -306,8 +312,9 @@ class StudentTrainer:
         """Final eval, the Hugging Face model, a last checkpoint; the MLflow run is FINISHED."""
         final = {**self.last_metrics, **self.evaluate(), "step": float(self.state.step)}
         model_dir = self.spec.model_dir
+        weights = self.strategy.full_weights(self.model) if self.strategy.gathers else None
         if self.collective.rank == 0:
-            save_hf_model(self.model, self.tokenizer, Path(model_dir))
+            save_hf_model(self.model, self.tokenizer, Path(model_dir), weights)
         self.save(final)  # the train metrics were logged when reported
         if self.collective.rank == 0:
             evals = {k: v for k, v in final.items() if k.startswith("eval/")}

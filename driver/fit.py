@@ -95,6 +95,7 @@ def fit(config, train_dataset=None, eval_dataset=None) -> FitResult:
     if uri:
         tracking.check_reachable(uri)
     tokenizer = inputs.check_tokenizers(cfg)
+    inputs.check_student(cfg)
     data = inputs.load_data(cfg, tokenizer, train_dataset, eval_dataset)
     started = ensure_ray(cfg)
     try:

@@ -15,6 +15,7 @@ from tvkd_ray.data import load_pairs
 from tvkd_ray.errors import ConfigError, DataError
 from tvkd_ray.models import (
     build_student,
+    check_lora_targets,
     check_tokenizers_compatible,
     load_tokenizer,
     resolve_model,
@@ -60,6 +61,12 @@ def check_tokenizers(cfg: TVKDConfig):
                 f"student tokenizer '{student_name}'",
             )
     return student_tok
+
+
+def check_student(cfg: TVKDConfig) -> None:
+    """The student's LoRA targets exist in its base model (whose layers the student keeps)."""
+    if cfg.student.lora is not None:
+        check_lora_targets(resolve_model(cfg.student.model), cfg.student.lora)
 
 
 def prepare_models(cfg: TVKDConfig) -> ModelPaths:

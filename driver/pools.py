@@ -42,6 +42,8 @@ def _model_fields(cfg: TVKDConfig, pool: PoolConfig, model: str) -> dict:
         "trust_remote_code": student.trust_remote_code if trust is None else trust,
         "num_gpus": pool.num_gpus_per_actor,
         "num_threads": max(1, int(pool.num_cpus_per_actor)),
+        "device_map": pool.device_map or None,
+        "offload_folder": pool.offload_folder,
         "idle_priority": True,  # on CPU, the trainers come first
     }
 

@@ -1,6 +1,6 @@
 """Benchmarks of SPEC §7, each ratio measured side by side in one run on one machine.
 
-    .venv/bin/python jobs/bench.py [--quick] [--suites pipeline,teacher,payload,trl,scaling]
+    .venv/bin/python jobs/bench.py [--quick] [--suites pipeline,teacher,payload,trl,scaling,students]
                                    [--out-dir bench-results]
 
 Suites (all use config-built Llama models with the SmolLM2 tokenizer's 49,152-token vocabulary:
@@ -18,6 +18,9 @@ each in ``jobs/benchmarks/``:
 * ``trl``: DPO mode (α = 0) of tvkd-ray vs TRL's ``DPOTrainer`` with precomputed reference
   log-probs, same model, data, batch size and lengths; the bare loop for reference.
 * ``scaling``: DPO-mode tokens/s with 1, 2 and 4 Ray Train workers (one CPU each).
+* ``students``: seconds per optimiser step, in this process, of full fine-tuning and LoRA, each
+  with and without gradient checkpointing, and of LoRA with the reference scored in the trainer
+  (adapters off) instead of by the reference actors.
 
 Tokens are counted as the trainer counts them: non-pad tokens of the 2B-row (chosen + rejected)
 batches. Steady state drops the first steps (start-up, lazy allocations) and takes medians of
@@ -57,7 +60,7 @@ runtime.set_defaults({**runtime.PRIVATE_CLUSTER_ENV, "TQDM_DISABLE": "1"})
 if any(os.environ.get(key) != value for key, value in runtime.ALLOCATOR_ENV.items()):
     os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **runtime.ALLOCATOR_ENV})
 
-from benchmarks import payload, pipeline, scaling, teacher, trl  # noqa: E402
+from benchmarks import payload, pipeline, scaling, students, teacher, trl  # noqa: E402
 from benchmarks.common import BUSY_LOAD, FULL, QUICK, Bench  # noqa: E402
 from benchmarks.report import machine  # noqa: E402
 
@@ -67,6 +70,7 @@ SUITE_FUNCTIONS = {
     "payload": payload.run,
     "trl": trl.run,
     "scaling": scaling.run,
+    "students": students.run,
 }
 SUITES = tuple(SUITE_FUNCTIONS)
 

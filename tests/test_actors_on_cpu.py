@@ -6,6 +6,7 @@ actors' batches are right-padded (pairs of different lengths); "padding invarian
 pair's outputs do not depend on what else is in its batch.
 """
 
+import dataclasses
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -266,3 +267,63 @@ def test_same_classes_work_as_plain_ray_actors(ray_cluster, table, teacher_path)
     # The pipeline's CPU actors yield the cores to the trainers; others keep normal scheduling.
     pids = ray.get([a.__ray_call__.remote(lambda self: os.getpid()) for a in (teacher, reference)])
     assert [os.sched_getscheduler(pid) for pid in pids] == [os.SCHED_IDLE, os.SCHED_OTHER]
+
+
+# --- a model spread by accelerate's device_map, part of it offloaded ------------------------------
+
+
+@pytest.fixture(scope="module")
+def untied_teacher_path(tmp_path_factory, teacher_path):
+    """The tiny teacher with an LM head of its own, so the head alone can be offloaded."""
+    tied = load_model(teacher_path)
+    config = tied.config
+    config.tie_word_embeddings = False
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        model = type(tied)(config)
+    model.load_state_dict(tied.state_dict(), strict=False)
+    with torch.no_grad():
+        noise = 0.05 * torch.randn_like(model.lm_head.weight)
+        model.lm_head.weight.copy_(tied.lm_head.weight + noise)
+    out = tmp_path_factory.mktemp("untied") / "model"
+    model.save_pretrained(out)
+    load_tokenizer(teacher_path).save_pretrained(out)
+    return str(out)
+
+
+OFFLOADED = {
+    "model.embed_tokens": "cpu",
+    "model.layers.0": "disk",
+    "model.layers.1": "cpu",
+    "model.layers.2": "disk",
+    "model.layers.3": "cpu",
+    "model.norm": "cpu",
+    "model.rotary_emb": "cpu",
+    "lm_head": "disk",
+}
+
+
+def test_offloaded_teacher_and_reference_score_as_the_plain_model(
+    table, untied_teacher_path, tmp_path
+):
+    offload = {"device_map": OFFLOADED, "offload_folder": str(tmp_path / "offload")}
+    teacher = TeacherSpec(untied_teacher_path, normalize=True, q_scale=0.7, top_k=8)
+    spread = TeacherPotentials(dataclasses.replace(teacher, **offload))
+    # The head's weights really are on disk: the actor only sees a meta tensor.
+    assert spread.model.get_output_embeddings().weight.device.type == "meta"
+    plain_out, spread_out = TeacherPotentials(teacher)(table), spread(table)
+    reference = FrozenModelSpec(untied_teacher_path)
+    plain_ref = ReferenceLogps(reference)(table)
+    spread_ref = ReferenceLogps(dataclasses.replace(reference, **offload))(table)
+    scored = [*schema.POTENTIALS, schema.CHOSEN_TOPK_IDS, schema.CHOSEN_TOPK_LOGPS]
+    for plain, spread, columns in [
+        (plain_out, spread_out, scored),
+        (plain_ref, spread_ref, schema.REF_LOGPS),
+    ]:
+        for column in columns:
+            want = [torch.tensor(row) for row in plain.column(column).to_pylist()]
+            if want[0].dim() == 1:  # a list per pair
+                assert_lists_close(spread.column(column), want)
+            else:
+                got = torch.tensor(spread.column(column).to_pylist())
+                torch.testing.assert_close(got, torch.stack(want), **TOL, msg=column)

@@ -123,6 +123,15 @@ def _catalogue(tmp: Path) -> list[tuple[list[str], str]]:
         (["--data.train_path", str(hh), "--data.format", "implicit_prompt"], "hh.jsonl"),
         (["--data.train_path", str(conv)], "conv.jsonl"),
         (["--data.eval_path", str(tmp / "ok_hh.jsonl.gz")], "format"),  # eval format differs
+        (
+            ["--student.lora", "{target_modules: [qkv_proj]}"],
+            "student.lora.target_modules: the student has no module named 'qkv_proj'",
+        ),
+        (["--student.lora.r", "8", "--train.strategy", "fsdp"], "student.lora: LoRA trains"),
+        (
+            ["--teacher.attn_implementation", "flash_attention_2"],
+            "flash_attention_2 runs on CUDA only",
+        ),
     ]
     return cases
 

@@ -60,6 +60,37 @@ def test_yaml_then_overrides_with_types(tmp_path):
         (["run.stage=dpo", "loss.kd_weight=0.5"], "loss.kd_weight: needs teacher outputs"),
         (["data.max_prompt_length=300"], "data.max_prompt_length: must be in (0, data.max_length"),
         (["loss.alpha"], "must look like section.key=value"),
+        (
+            ["student.lora.alpah=8"],
+            "unknown config key 'student.lora.alpah' (did you mean 'student.lora.alpha'?)",
+        ),
+        (["student.lora.r=0"], "student.lora.r: must be >= 1, got 0"),
+        (["student.lora=8"], "student.lora: expected a mapping, got int"),
+        (["student.lora.target_modules=q_proj"], "student.lora.target_modules: expected a list"),
+        (["student.lora.target_modules=[]"], "student.lora.target_modules: must not be empty"),
+        (
+            ["student.lora.r=8", "train.strategy=fsdp"],
+            "student.lora: LoRA trains with train.strategy=ddp",
+        ),
+        (["train.strategy=zero3"], "train.strategy: must be one of ddp | fsdp, got 'zero3'"),
+        (
+            ["student.attn_implementation=flash_attention_2"],
+            "student.attn_implementation: flash_attention_2 runs on CUDA only and needs "
+            "train.use_gpu=true",
+        ),
+        (
+            ["teacher.attn_implementation=flash_attention_2"],
+            "teacher.attn_implementation: flash_attention_2 runs on CUDA only and needs "
+            "teacher.num_gpus_per_actor > 0",
+        ),
+        (
+            ["teacher.device_map={lm_head: gpu0}"],
+            "teacher.device_map.lm_head: must be cuda, cuda:N, cpu or disk, got 'gpu0'",
+        ),
+        (
+            ["reference.device_map={model.layers: disk}"],
+            "reference.offload_folder: is needed by the disk entries of reference.device_map",
+        ),
     ],
 )
 def test_bad_config_gives_one_line_error(overrides, message):
@@ -218,3 +249,15 @@ def test_every_example_config_loads():
     pools_example = load_config(REPO / "examples" / "cluster_pools.yaml")
     assert pools_example.teacher.resources == pools_example.reference.resources == {"scorer": 1}
     assert pools_example.train.resources_per_worker == {"trainer": 1}
+
+
+def test_nested_overrides_and_yaml_build_the_lora_section(tmp_path):
+    from_flags = load_config(None, ["student.lora.r=8", "student.lora.target_modules=[q_proj]"])
+    path = tmp_path / "lora.yaml"
+    path.write_text("student:\n  lora: {r: 8, target_modules: [q_proj]}\n")
+    from_yaml = load_config(path)
+    assert from_flags.student.lora == from_yaml.student.lora
+    assert (from_flags.student.lora.r, from_flags.student.lora.alpha) == (8, 32.0)
+    # The config travels to the workers as a dict: the section comes back as itself.
+    assert config_from_dict(from_flags.to_dict()).student.lora == from_flags.student.lora
+    assert load_config(None, []).student.lora is None

@@ -23,6 +23,15 @@ from tvkd_ray.runtime import ACTOR_ALLOCATOR_ENV
 REPO = Path(__file__).resolve().parents[1]
 
 
+def head(weight, bias=None) -> torch.nn.Linear:
+    """An LM head module holding ``weight`` (and ``bias``), as the helpers take it."""
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = torch.nn.Parameter(bias, requires_grad=False)
+    return linear
+
+
 def _lm_head(n=37, hidden=16, vocab=300, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return (
@@ -77,7 +86,7 @@ def test_huge_logits_do_not_overflow():
 )
 def test_soft_value_from_hidden_matches_full_logits(chunk_size, kwargs):
     hidden, weight, bias = _lm_head()
-    got = soft_value_from_hidden(hidden, weight, bias, chunk_size=chunk_size, **kwargs)
+    got = soft_value_from_hidden(hidden, head(weight, bias), chunk_size=chunk_size, **kwargs)
     expected = soft_value(hidden @ weight.T + bias, **kwargs)
     assert got.shape == (37,) and got.dtype == torch.float32
     torch.testing.assert_close(got, expected)
@@ -89,9 +98,9 @@ def test_from_hidden_upcasts_bf16_logits_per_chunk():
     logits = (hidden @ weight.T).float()
     ids = torch.arange(37)
     with torch.inference_mode():
-        values = soft_value_from_hidden(hidden, weight, chunk_size=8)
-        logps = token_logps_from_hidden(hidden, weight, ids, chunk_size=8)
-        _, top = topk_logps_from_hidden(hidden, weight, 3, chunk_size=8)
+        values = soft_value_from_hidden(hidden, head(weight), chunk_size=8)
+        logps = token_logps_from_hidden(hidden, head(weight), ids, chunk_size=8)
+        _, top = topk_logps_from_hidden(hidden, head(weight), 3, chunk_size=8)
     assert values.dtype == logps.dtype == top.dtype == torch.float32
     torch.testing.assert_close(values, torch.logsumexp(logits, -1))
     full = torch.log_softmax(logits, -1)
@@ -130,8 +139,8 @@ def test_token_logps_from_hidden_matches_full_logits(chunk_size):
     ids = torch.randint(0, 300, (37,), generator=torch.Generator().manual_seed(3))
     ids_k = torch.randint(0, 300, (37, 4), generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
-        one = token_logps_from_hidden(hidden, weight, ids, bias, chunk_size=chunk_size)
-        many = token_logps_from_hidden(hidden, weight, ids_k, bias, chunk_size=chunk_size)
+        one = token_logps_from_hidden(hidden, head(weight, bias), ids, chunk_size=chunk_size)
+        many = token_logps_from_hidden(hidden, head(weight, bias), ids_k, chunk_size=chunk_size)
     torch.testing.assert_close(one, full.gather(-1, ids[:, None]).squeeze(-1))
     torch.testing.assert_close(many, full.gather(-1, ids_k))
 
@@ -139,7 +148,7 @@ def test_token_logps_from_hidden_matches_full_logits(chunk_size):
 @pytest.mark.parametrize("chunk_size", [None, 1, 10])
 def test_topk_logps_from_hidden_matches_torch_topk(chunk_size):
     hidden, weight, bias = _lm_head()
-    ids, logps = topk_logps_from_hidden(hidden, weight, 5, bias, chunk_size=chunk_size)
+    ids, logps = topk_logps_from_hidden(hidden, head(weight, bias), 5, chunk_size=chunk_size)
     expected = torch.log_softmax(hidden @ weight.T + bias, -1).topk(5, dim=-1)
     assert ids.dtype == torch.int64 and logps.dtype == torch.float32
     assert ids.shape == logps.shape == (37, 5)
@@ -204,15 +213,17 @@ from tvkd_ray.potentials import (
 torch.manual_seed(0)
 hidden = torch.randn(2048, 64)
 weight = torch.randn(32000, 64) / 8
+head = torch.nn.Linear(64, 32000, bias=False).requires_grad_(False)
+head.weight.copy_(weight)
 ids = torch.randint(0, 32000, (2048,))
 logits = torch.nn.functional.linear(hidden, weight).view(4, 512, 32000)
 paths = {
     "soft_value_from_hidden": lambda n: soft_value_from_hidden(
-        hidden[:n], weight, chunk_size=CHUNK),
+        hidden[:n], head, chunk_size=CHUNK),
     "token_logps_from_hidden": lambda n: token_logps_from_hidden(
-        hidden[:n], weight, ids[:n], chunk_size=CHUNK),
+        hidden[:n], head, ids[:n], chunk_size=CHUNK),
     "topk_logps_from_hidden": lambda n: topk_logps_from_hidden(
-        hidden[:n], weight, 32, chunk_size=CHUNK),
+        hidden[:n], head, 32, chunk_size=CHUNK),
     "token_logps": lambda n: token_logps(
         logits.view(-1, 32000)[:n], ids[:n], chunk_size=CHUNK),
     "naive_soft_value": lambda n: soft_value(hidden[:n] @ weight.T),

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from tvkd_ray.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_DATA = REPO_ROOT / "examples" / "data" / "bundled"
+DEVICE = re.compile(r"cuda(:\d+)?|cpu|disk")
 
 
 def _field(default: Any, help: str, **kwargs: Any) -> Any:
@@ -78,6 +80,27 @@ class RunConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (PEFT) on the student: only the adapters train, the base weights stay frozen,
+    so the reference (the student's initial weights) is exactly the base with adapters off."""
+
+    r: int = _field(16, "Rank of each adapter.")
+    alpha: float = _field(32.0, "Scale numerator: an adapter's update is scaled by alpha / r.")
+    dropout: float = _field(0.05, "Dropout on the adapters' input while training.")
+    target_modules: list[str] = _field(
+        ["all-linear"],
+        "Names (or name suffixes) of the linear layers to adapt; [all-linear] adapts every "
+        "linear layer but the LM head (PEFT's all-linear).",
+    )
+
+    def __post_init__(self) -> None:
+        _require(self.r >= 1, "student.lora.r", f"must be >= 1, got {self.r}")
+        _require(self.alpha > 0, "student.lora.alpha", f"must be > 0, got {self.alpha}")
+        _require(0.0 <= self.dropout < 1.0, "student.lora.dropout", "must be in [0, 1)")
+        _require(bool(self.target_modules), "student.lora.target_modules", "must not be empty")
+
+
+@dataclass
 class StudentConfig:
     """The model being trained."""
 
@@ -115,6 +138,11 @@ class StudentConfig:
         False,
         "Allow the student's model repository to run its own code (off by default for safety); "
         "the teacher and reference follow it unless they set their own.",
+    )
+    lora: LoraConfig | None = _field(
+        None,
+        "Train LoRA adapters instead of every weight, e.g. {r: 16, alpha: 32}; null trains the "
+        "full model. The run saves the adapters (<model_dir>/adapter) and the merged model.",
     )
 
     def __post_init__(self) -> None:
@@ -158,6 +186,15 @@ class PoolConfig:
     num_gpus_per_actor: float = _field(
         0.0, "GPUs reserved by each actor; above 1 the model is spread over them (device_map)."
     )
+    device_map: dict[str, str] = _field(
+        {},
+        "Where each module of the model lives, as accelerate's device_map (e.g. {model.layers: "
+        "cuda, lm_head: cpu}; devices cuda, cuda:N, cpu, disk); empty: the actor's device, or "
+        "auto over its GPUs when num_gpus_per_actor > 1. Potentials do not depend on it.",
+    )
+    offload_folder: str | None = _field(
+        None, "Folder for the weights that device_map puts on disk (needed by disk entries)."
+    )
     batch_size: int = _field(
         8, "Pairs per forward pass; the largest of the running pools' is the streamed block."
     )
@@ -181,6 +218,18 @@ class PoolConfig:
         own = {"CPU": f"{section}.num_cpus_per_actor", "GPU": f"{section}.num_gpus_per_actor"}
         self.resources = dict(self.resources)  # never the caller's dict
         _check_resources(f"{section}.resources", self.resources, own)
+        self.device_map = dict(self.device_map)
+        for module, device in self.device_map.items():
+            _require(
+                DEVICE.fullmatch(device) is not None,
+                f"{section}.device_map.{module}",
+                f"must be cuda, cuda:N, cpu or disk, got {device!r}",
+            )
+        _require(
+            "disk" not in self.device_map.values() or bool(self.offload_folder),
+            f"{section}.offload_folder",
+            f"is needed by the disk entries of {section}.device_map",
+        )
 
 
 @dataclass
@@ -323,7 +372,18 @@ class LossConfig:
 class TrainConfig:
     """Ray Train student workers and the optimiser."""
 
-    num_workers: int = _field(1, "Data-parallel student workers (Ray Train, DDP).")
+    num_workers: int = _field(1, "Data-parallel student workers (Ray Train).")
+    strategy: Literal["ddp", "fsdp"] = _field(
+        "ddp",
+        "ddp: every worker holds the whole student (DistributedDataParallel); fsdp: weights, "
+        "gradients and optimiser state are sharded over the workers (torch FSDP2, one unit per "
+        "decoder layer), for students that do not fit one device.",
+    )
+    gradient_checkpointing: bool = _field(
+        False,
+        "Recompute each decoder layer's activations in the backward pass instead of keeping "
+        "them: far less activation memory for about one more forward of compute.",
+    )
     use_gpu: bool = _field(
         False, "Give each worker a GPU (one, or resources_per_worker.GPU of one)."
     )
@@ -448,6 +508,30 @@ class TVKDConfig:
             "data.eval_fraction",
             "set either data.eval_path or data.eval_fraction, not both",
         )
+        _require(
+            not (self.student.lora and self.train.strategy == "fsdp"),
+            "student.lora",
+            "LoRA trains with train.strategy=ddp (the frozen base is replicated, the adapters "
+            "are small); fsdp shards full fine-tuning",
+        )
+        self._check_flash_attention()
+
+    def _check_flash_attention(self) -> None:
+        """flash_attention_2 runs on CUDA only: each role asking for it must have a GPU."""
+        student = self.student.attn_implementation
+        _require(
+            student != "flash_attention_2" or self.train.use_gpu,
+            "student.attn_implementation",
+            "flash_attention_2 runs on CUDA only and needs train.use_gpu=true (or use sdpa)",
+        )
+        for section, pool in self.pools().items():
+            attn = pool.attn_implementation or student
+            _require(
+                attn != "flash_attention_2" or pool.num_gpus_per_actor > 0,
+                f"{section}.attn_implementation",
+                f"flash_attention_2 runs on CUDA only and needs {section}.num_gpus_per_actor > 0 "
+                f"(set {section}.attn_implementation: sdpa)",
+            )
 
     @property
     def uses_teacher(self) -> bool:
@@ -501,6 +585,12 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(key, value, inner[0])
+    if dataclasses.is_dataclass(annotation):
+        return _section_from_dict(key, value, annotation)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
@@ -555,17 +645,21 @@ def config_from_dict(tree: dict[str, Any] | None) -> TVKDConfig:
             raise _unknown(name, list(SECTIONS))
         if section_value is None:
             section_value = {}
-        if not isinstance(section_value, dict):
-            raise ConfigError(f"{name}: expected a mapping, got {type(section_value).__name__}")
-        cls = SECTIONS[name]
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        values = {}
-        for key, value in section_value.items():
-            if key not in fields:
-                raise _unknown(f"{name}.{key}", list(fields))
-            values[key] = _coerce(f"{name}.{key}", value, fields[key].type)
-        sections[name] = cls(**values)
+        sections[name] = _section_from_dict(name, section_value, SECTIONS[name])
     return TVKDConfig(**sections)
+
+
+def _section_from_dict(name: str, tree: Any, cls: type) -> Any:
+    """A section (or a sub-section such as student.lora) from its mapping, fields checked."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{name}: expected a mapping, got {type(tree).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in tree.items():
+        if key not in fields:
+            raise _unknown(f"{name}.{key}", list(fields))
+        values[key] = _coerce(f"{name}.{key}", value, fields[key].type)
+    return cls(**values)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None):
@@ -593,9 +687,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         section, _, name = key.partition(".")
         if section not in SECTIONS:
             raise _unknown(section, list(SECTIONS))
-        section_tree = tree.setdefault(section, {}) or {}
-        tree[section] = section_tree
-        section_tree[name] = yaml.safe_load(raw) if raw != "" else ""
+        parent = tree
+        # student.lora.r=8 sets r inside the student.lora mapping.
+        *path, leaf = [section, *name.split(".")]
+        for part in path:
+            child = parent.get(part)
+            parent[part] = child = child if isinstance(child, dict) else {}
+            parent = child
+        parent[leaf] = yaml.safe_load(raw) if raw != "" else ""
     return config_from_dict(tree)
 
 
@@ -603,10 +702,27 @@ def field_docs() -> list[tuple[str, str, Any, str]]:
     """(dotted key, type, default, help) of every field, in declaration order."""
     rows = []
     for section, cls in SECTIONS.items():
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((f"{section}.{f.name}", str(f.type), default, f.metadata["help"]))
+        rows += _field_rows(section, cls)
     return rows
+
+
+def _field_rows(prefix: str, cls: type) -> list[tuple[str, str, Any, str]]:
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((f"{prefix}.{f.name}", str(f.type), default, f.metadata["help"]))
+        inner = _sub_section(f.type)
+        if inner is not None:  # e.g. student.lora: its keys follow it
+            rows += _field_rows(f"{prefix}.{f.name}", inner)
+    return rows
+
+
+def _sub_section(annotation: Any) -> type | None:
+    """The dataclass a field holds (``LoraConfig | None`` -> LoraConfig), if any."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, globals())
+    candidates = typing.get_args(annotation) or (annotation,)
+    return next((c for c in candidates if dataclasses.is_dataclass(c)), None)
 
 
 def config_reference_markdown() -> str:

@@ -24,13 +24,9 @@ def response_hidden(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask
 ) -> torch.Tensor:
     """Final hidden states [N, H] of the N positions that predict response tokens, row-major."""
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)[0]
+    decoder = model.get_decoder()
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
     return hidden[predicting_positions(response_mask)]
-
-
-def lm_head_params(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    head = model.get_output_embeddings()
-    return head.weight, getattr(head, "bias", None)
 
 
 def row_sums(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -74,10 +70,11 @@ class ResponseLogps(nn.Module):
 
     def forward(self, input_ids, attention_mask, response_mask, topk_ids=None):
         hidden = response_hidden(self.model, input_ids, attention_mask, response_mask)
-        weight, bias = lm_head_params(self.model)
-        logits = nn.functional.linear(hidden, weight, bias).float()
-        logps = token_logps(logits, input_ids[response_mask])
+        # The head module itself, so an adapted (LoRA) or sharded (FSDP) head computes as such.
+        logits = self.model.get_output_embeddings()(hidden).float()
+        # Clones, not views: FSDP2 hooks the module's outputs and refuses views (N floats each).
+        logps = token_logps(logits, input_ids[response_mask]).clone()
         topk_logps = None
         if topk_ids is not None:
-            topk_logps = token_logps(logits[: topk_ids.shape[0]], topk_ids)
+            topk_logps = token_logps(logits[: topk_ids.shape[0]], topk_ids).clone()
         return logps, topk_logps

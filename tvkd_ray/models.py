@@ -39,6 +39,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from tvkd_ray.config import LoraConfig, StudentConfig
 from tvkd_ray.errors import ModelError
 
 # Bump when a preset builder changes, so stale cache entries are not reused.
@@ -324,10 +325,12 @@ def load_model(
     *,
     dtype: str = "float32",
     device_map: str | dict | None = None,
+    offload_folder: str | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str = "sdpa",
 ) -> PreTrainedModel:
-    """Load a causal LM from safetensors; ``dtype`` is float32 | bfloat16 | float16 | auto."""
+    """Load a causal LM from safetensors; ``dtype`` is float32 | bfloat16 | float16 | auto;
+    ``device_map`` and ``offload_folder`` are accelerate's."""
     if dtype not in _DTYPES:
         raise ModelError(
             f"model '{name_or_path}': unknown dtype '{dtype}' (use {', '.join(_DTYPES)})"
@@ -339,12 +342,84 @@ def load_model(
             model_dir,
             dtype=_DTYPES[dtype],
             device_map=device_map,
+            offload_folder=offload_folder,
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation,
         )
     except (OSError, ValueError, ImportError) as err:
         raise ModelError(f"cannot load model '{name_or_path}': {_first_line(err)}") from err
+
+
+# ---------------------------------------------------------------------------------------------
+# The student as the trainers hold it: LoRA adapters and gradient checkpointing.
+
+ALL_LINEAR = ["all-linear"]
+
+
+def load_student(
+    path: str, student: StudentConfig, *, gradient_checkpointing: bool = False
+) -> PreTrainedModel:
+    """The student's initial weights with its training set-up: checkpointed decoder layers
+    (recomputed in the backward pass) and, with ``student.lora``, PEFT adapters on a frozen base
+    (B = 0 at the start, so the student computes exactly as its base: the reference)."""
+    model = load_model(
+        path,
+        dtype=student.dtype,
+        trust_remote_code=student.trust_remote_code,
+        attn_implementation=student.attn_implementation,
+    )
+    if gradient_checkpointing:
+        # Non-reentrant: also correct when the frozen embeddings' outputs need no grad (LoRA).
+        # (transformers renamed gradient_checkpointing_enable; older 5.x has only that name.)
+        kwargs = {"use_reentrant": False}
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if student.lora is None:
+        return model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    lora = student.lora
+    return get_peft_model(
+        model,
+        PeftLoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=_lora_targets(lora),
+            task_type="CAUSAL_LM",
+        ),
+    )
+
+
+def _lora_targets(lora: LoraConfig) -> str | list[str]:
+    return "all-linear" if lora.target_modules == ALL_LINEAR else list(lora.target_modules)
+
+
+def check_lora_targets(model_dir: str, lora: LoraConfig) -> None:
+    """Every ``student.lora.target_modules`` name is a linear layer of the model (checked on
+    a weightless copy, before any worker starts)."""
+    if lora.target_modules == ALL_LINEAR:
+        return
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    linear = {
+        name.rsplit(".", 1)[-1]
+        for name, module in skeleton.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+    names = [name for name, _ in skeleton.named_modules()]
+    for target in lora.target_modules:
+        if not any(name == target or name.endswith("." + target) for name in names):
+            raise ModelError(
+                f"student.lora.target_modules: the student has no module named '{target}' "
+                f"(its linear layers: {', '.join(sorted(linear))})"
+            )
 
 
 # ---------------------------------------------------------------------------------------------

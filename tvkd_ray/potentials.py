@@ -1,8 +1,11 @@
 """Teacher potentials Φ (SPEC §2.2) and memory-aware log-prob helpers.
 
 Everything here reduces over the vocabulary in float32. The ``*_from_hidden`` helpers take the
-final hidden states of the positions that matter plus the LM-head weight and compute the logits
+final hidden states of the positions that matter plus the LM-head module and compute the logits
 chunk by chunk, so no ``[N, V]`` float32 tensor is ever held: peak extra memory is a few chunks.
+The head is called as a module, never read as a weight: accelerate's hooks then fetch offloaded
+weights and move the hidden states to the head's device, and adapted or quantised heads compute
+as they should.
 
 ``chunk_size`` is a number of rows (positions) per chunk. ``None`` picks as many rows as fit in
 ``DEFAULT_CHUNK_BYTES`` of float32 logits (at least one), e.g. 524 rows for a 32k vocabulary and
@@ -13,6 +16,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 
@@ -32,8 +36,7 @@ def soft_value(
 
 def soft_value_from_hidden(
     hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    lm_head_bias: torch.Tensor | None = None,
+    lm_head: nn.Module,
     *,
     tau: float = 1.0,
     q_scale: float = 1.0,
@@ -44,7 +47,7 @@ def soft_value_from_hidden(
     return torch.cat(
         [
             soft_value(logits, tau=tau, q_scale=q_scale, normalize=normalize)
-            for logits in _logit_chunks(hidden, lm_head_weight, lm_head_bias, chunk_size)
+            for logits in _logit_chunks(hidden, lm_head, chunk_size)
         ]
     )
 
@@ -73,40 +76,30 @@ def token_logps(
 
 
 def token_logps_from_hidden(
-    hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    ids: torch.Tensor,
-    lm_head_bias: torch.Tensor | None = None,
-    chunk_size: int | None = None,
+    hidden: torch.Tensor, lm_head: nn.Module, ids: torch.Tensor, chunk_size: int | None = None
 ) -> torch.Tensor:
     """Float32 log-probs of ``ids [N]`` or ``[N, k]`` given ``hidden [N, H]``, chunked over N."""
     per_position = ids.dim() == 1
     ids_k = ids.unsqueeze(-1) if per_position else ids
-    rows = _rows_per_chunk(lm_head_weight.shape[0], chunk_size)
+    rows = _rows_per_chunk(vocab_size(lm_head), chunk_size)
     out = torch.cat(
         [
-            _gather_logps(logits, chunk_ids)
-            for logits, chunk_ids in zip(
-                _logit_chunks(hidden, lm_head_weight, lm_head_bias, rows), ids_k.split(rows)
-            )
+            _gather_logps(logits, chunk_ids.to(logits.device))
+            for logits, chunk_ids in zip(_logit_chunks(hidden, lm_head, rows), ids_k.split(rows))
         ]
     )
     return out.squeeze(-1) if per_position else out
 
 
 def topk_logps_from_hidden(
-    hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    k: int,
-    lm_head_bias: torch.Tensor | None = None,
-    chunk_size: int | None = None,
+    hidden: torch.Tensor, lm_head: nn.Module, k: int, chunk_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k most likely next tokens of each row of ``hidden [N, H]``.
 
     Returns ``(ids int64 [N, k], logps float32 [N, k])``, highest first, chunked over N.
     """
     ids, logps = [], []
-    for logits in _logit_chunks(hidden, lm_head_weight, lm_head_bias, chunk_size):
+    for logits in _logit_chunks(hidden, lm_head, chunk_size):
         top = logits.topk(k, dim=-1)
         ids.append(top.indices)
         logps.append(top.values - logits.logsumexp(dim=-1, keepdim=True))
@@ -136,16 +129,17 @@ def _rows_per_chunk(vocab_size: int, chunk_size: int | None) -> int:
     return max(1, DEFAULT_CHUNK_BYTES // (4 * vocab_size))
 
 
+def vocab_size(lm_head: nn.Module) -> int:
+    return lm_head.weight.shape[0]  # a meta (offloaded) or sharded weight still has its shape
+
+
 def _logit_chunks(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    chunk_size: int | None,
+    hidden: torch.Tensor, lm_head: nn.Module, chunk_size: int | None
 ) -> Iterator[torch.Tensor]:
     # The matmul runs in the model's dtype (as the LM head would); only the chunk is upcast, so
     # a bf16 weight is never copied to float32.
-    for rows in hidden.split(_rows_per_chunk(weight.shape[0], chunk_size)):
-        yield F.linear(rows, weight, bias).float()
+    for rows in hidden.split(_rows_per_chunk(vocab_size(lm_head), chunk_size)):
+        yield lm_head(rows).float()
 
 
 def _gather_logps(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,9 @@ def apply_gradients(model: torch.nn.Module, optimizer, max_grad_norm: float) -> 
     """Clip (unless ``max_grad_norm`` is 0) and take the optimiser step; the gradient norm."""
     grad_norm = 0.0
     if max_grad_norm > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        # Sharded (FSDP) gradients give a DTensor norm: the whole model's, once gathered.
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     optimizer.step()
     return grad_norm
 
