@@ -1,7 +1,7 @@
 """Benchmarks of SPEC §7, each ratio measured side by side in one run on one machine.
 
-    .venv/bin/python jobs/bench.py [--quick] [--suites pipeline,teacher,payload,trl,scaling,students]
-                                   [--out-dir bench-results]
+    .venv/bin/python jobs/bench.py [--quick] [--out-dir bench-results]
+        [--suites pipeline,teacher,payload,trl,scaling,students]
 
 Suites (all use config-built Llama models with the SmolLM2 tokenizer's 49,152-token vocabulary:
 teacher 8 layers x 256, student 4 layers x 256; the bundled dataset; fp32 on CPU), one module

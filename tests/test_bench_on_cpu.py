@@ -104,3 +104,13 @@ def test_unknown_suite_is_refused_before_any_work(tmp_path):
     assert proc.returncode == 2
     assert "unknown suite(s) nope" in proc.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_students_suite_times_every_set_up(tiny_bench):
+    from benchmarks import students
+
+    results, text = students.run(tiny_bench)
+    assert list(results["runs"]) == list(students.SETUPS)
+    for name, run in results["runs"].items():
+        assert run["step_s"] > 0 and name in text
+    assert results["runs"]["full"]["x_full"] == 1.0 and results["runs"]["lora"]["x_lora"] == 1.0

@@ -138,6 +138,10 @@ def test_pools_own_their_knobs_and_inherit_the_students_model_settings():
     assert (teacher.spec.dtype, teacher.spec.trust_remote_code) == ("float32", True)
     assert (reference.spec.dtype, reference.spec.trust_remote_code) == ("float32", False)
     assert (reference.spec.autocast, teacher.spec.autocast) == ("bfloat16", "auto")
+    spread = ["teacher.device_map={lm_head: disk, model: cpu}", "teacher.offload_folder=/x"]
+    teacher, reference = pools.roles(load_config(None, spread), paths)
+    assert teacher.spec.device_map == {"lm_head": "disk", "model": "cpu"}
+    assert teacher.spec.offload_folder == "/x" and reference.spec.device_map is None
     dpo = load_config(None, ["run.stage=dpo", "teacher.batch_size=64", "reference.batch_size=4"])
     assert rows_per_block(dpo) == 4
     assert rows_per_block(load_config(None, ["run.stage=sft", "train.batch_size=5"])) == 5
@@ -155,6 +159,8 @@ def test_the_fingerprint_sees_device_and_numerics_not_placement():
     assert on_gpu.output_fields()["autocast"] == "bfloat16"
     assert dataclasses.replace(base, num_gpus=1.0).output_fields() == on_gpu.output_fields()
     assert dataclasses.replace(base, num_threads=7).output_fields() == base.output_fields()
+    offloaded = dataclasses.replace(base, device_map={"lm_head": "disk"}, offload_folder="/x")
+    assert offloaded.output_fields() == base.output_fields()  # same values (tested in actors)
     eager = dataclasses.replace(base, attn_implementation="eager")
     assert eager.output_fields() != base.output_fields()
 

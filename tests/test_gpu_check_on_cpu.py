@@ -22,7 +22,7 @@ def test_dry_gpu_check_runs_every_step(ray_cluster, tmp_path):
     # Dry, the "gpu" actor is a CPU one: fp32 agrees to the bit, bf16 weights do not.
     assert phi["tokens"] > 0 and phi["gpu_fp32_max_abs_diff"] == 0.0
     assert 0.0 < phi["gpu_bf16_max_rel_diff"] < 0.1
-    assert set(report["runs"]) == {"tvkd", "dpo", "lora"}
+    assert set(report["runs"]) == {"tvkd", "dpo"}  # dry: lora is trained by other tests
     for name, run in report["runs"].items():
         assert run["step0_eval_margin"] == 0.0, name  # the reference computes as the student
         assert run["student_tokens_per_s"] > 0 and run["reference_tokens_per_s"] > 0, name

@@ -58,14 +58,14 @@ def step_seconds(bench: Bench, cfg: TVKDConfig, scored: list, reference_in_train
     step = StudentStep(Objective.from_config(cfg), policy, pad_id, "cpu")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     seconds = []
-    for table in scored:
+    for batch in scored:
         start = time.perf_counter()
         if reference_in_trainer:
             # What TRL does with a PEFT student: the base, adapters off, scores the reference.
             with torch.no_grad(), model.disable_adapter():
-                policy(*step_inputs(table, pad_id))
+                policy(*step_inputs(batch, pad_id))
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = step(table)
+        loss, _ = step(batch)
         loss.backward()
         apply_gradients(model, optimizer, cfg.train.max_grad_norm)
         seconds.append(time.perf_counter() - start)
