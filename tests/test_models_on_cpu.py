@@ -1,5 +1,6 @@
 """Model loading on CPU: presets (tiny, SmolLM2 from GGUF), students, tokenizer checks, security."""
 
+import importlib.util
 import os
 
 # Nothing may come from the Hugging Face hub; set before transformers reads it.
@@ -211,6 +212,14 @@ def test_unknown_name_offline_lists_presets_and_asks_for_a_local_path():
     message = str(err.value)
     assert "'some-org/some-model'" in message and "local path" in message
     assert "tiny-teacher" in message and SMOLLM2 in message
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed here"
+)
+def test_flash_attention_without_the_package_names_it():
+    with pytest.raises(ModelError, match="tiny-student.*flash_attention_2 needs the flash-attn"):
+        load_model("tiny-student", attn_implementation="flash_attention_2")
 
 
 class _Exploit:

@@ -335,6 +335,14 @@ def load_model(
         raise ModelError(
             f"model '{name_or_path}': unknown dtype '{dtype}' (use {', '.join(_DTYPES)})"
         )
+    if (
+        attn_implementation == "flash_attention_2"
+        and importlib.util.find_spec("flash_attn") is None
+    ):
+        raise ModelError(
+            f"model '{name_or_path}': attn_implementation flash_attention_2 needs the flash-attn "
+            "package on this node (pip install flash-attn); or use sdpa"
+        )
     model_dir = resolve_model(name_or_path)
     _check_safetensors(model_dir, name_or_path)
     try:
