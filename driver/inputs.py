@@ -15,6 +15,7 @@ from tvkd_ray.data import load_pairs
 from tvkd_ray.errors import ConfigError, DataError
 from tvkd_ray.models import (
     build_student,
+    check_device_map,
     check_lora_targets,
     check_tokenizers_compatible,
     load_tokenizer,
@@ -87,7 +88,16 @@ def prepare_models(cfg: TVKDConfig) -> ModelPaths:
         paths.teacher = resolve_model(cfg.teacher.model)
         if cfg.loss.potential == "implicit_reward":
             paths.teacher_ref = resolve_model(cfg.teacher.ref_model)
+    _check_device_maps(cfg, paths)
     return paths
+
+
+def _check_device_maps(cfg: TVKDConfig, paths: ModelPaths) -> None:
+    """Each pool's device_map fits its models (the teacher's applies to its ref_model too)."""
+    models = {"teacher": [paths.teacher, paths.teacher_ref], "reference": [paths.reference]}
+    for section, pool in cfg.pools().items():
+        for model_dir in filter(None, models[section] if pool.device_map else []):
+            check_device_map(model_dir, pool.device_map, f"{section}.device_map")
 
 
 def load_data(cfg: TVKDConfig, tokenizer, train_dataset=None, eval_dataset=None) -> PairData:

@@ -132,6 +132,7 @@ def _catalogue(tmp: Path) -> list[tuple[list[str], str]]:
             ["--teacher.attn_implementation", "flash_attention_2"],
             "flash_attention_2 runs on CUDA only",
         ),
+        (["--teacher.device_map", "{lm_head: cpu}"], "teacher.device_map: gives no device to"),
     ]
     return cases
 

@@ -22,6 +22,7 @@ from tvkd_ray.models import (
     _materialise,
     _smollm2_gguf,
     build_student,
+    check_device_map,
     check_tokenizers_compatible,
     load_model,
     load_tokenizer,
@@ -220,6 +221,15 @@ def test_unknown_name_offline_lists_presets_and_asks_for_a_local_path():
 def test_flash_attention_without_the_package_names_it():
     with pytest.raises(ModelError, match="tiny-student.*flash_attention_2 needs the flash-attn"):
         load_model("tiny-student", attn_implementation="flash_attention_2")
+
+
+def test_device_map_must_name_modules_and_place_every_weight():
+    teacher = resolve_model("tiny-teacher")
+    check_device_map(teacher, {"model": "cpu", "lm_head": "disk"}, "teacher.device_map")
+    with pytest.raises(ModelError, match=r"teacher.device_map.lmhead: .*no module.*lm_head"):
+        check_device_map(teacher, {"model": "cpu", "lmhead": "cpu"}, "teacher.device_map")
+    with pytest.raises(ModelError, match="gives no device to model.embed_tokens.weight and"):
+        check_device_map(teacher, {"lm_head": "cpu"}, "teacher.device_map")
 
 
 class _Exploit:

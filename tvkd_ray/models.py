@@ -408,14 +408,38 @@ def _lora_targets(lora: LoraConfig) -> str | list[str]:
     return "all-linear" if lora.target_modules == ALL_LINEAR else list(lora.target_modules)
 
 
+def _skeleton(model_dir: str) -> PreTrainedModel:
+    """The model without weights (on the meta device): its module and parameter names."""
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def check_device_map(model_dir: str, device_map: dict[str, str], key: str) -> None:
+    """Every entry of a pool's ``device_map`` names a module of its model, and every weight gets
+    a device (checked on a weightless copy, before any actor loads the model)."""
+    skeleton = _skeleton(model_dir)
+    modules = {name for name, _ in skeleton.named_modules()}
+    for module in device_map:
+        if module not in modules:
+            top = ", ".join(name for name, _ in skeleton.named_children())
+            raise ModelError(
+                f"{key}.{module}: the model has no module of that name (its top level: {top})"
+            )
+    placed = [f"{module}." if module else "" for module in device_map]
+    names = [name for name, _ in skeleton.named_parameters()]
+    missing = [name for name in names if not any(name.startswith(p) for p in placed)]
+    if missing:
+        more = f" and {len(missing) - 1} more weights" if len(missing) > 1 else ""
+        raise ModelError(f"{key}: gives no device to {missing[0]}{more}; map their modules too")
+
+
 def check_lora_targets(model_dir: str, lora: LoraConfig) -> None:
     """Every ``student.lora.target_modules`` name is a linear layer of the model (checked on
     a weightless copy, before any worker starts)."""
     if lora.target_modules == ALL_LINEAR:
         return
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
+    skeleton = _skeleton(model_dir)
     linear = {
         name.rsplit(".", 1)[-1]
         for name, module in skeleton.named_modules()
