@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -263,7 +264,9 @@ class StudentTrainer:
             return
         self.logger.log_metrics(metrics, self.state.step)
         if log_progress:
-            print(progress_line(self.state.step, self.spec.total_steps, metrics), flush=True)
+            # Not print(): Ray Train patches it to log each line too, so it showed twice.
+            sys.stdout.write(progress_line(self.state.step, self.spec.total_steps, metrics) + "\n")
+            sys.stdout.flush()
 
     def save(self, metrics: dict[str, float]) -> None:
         """Every worker reports to Ray Train; rank 0 attaches the checkpoint.
