@@ -15,6 +15,7 @@ from actors.reference import ReferenceLogps
 from benchmarks.common import THREADS, Bench
 from benchmarks.report import median, table
 from tvkd_ray.config import TVKDConfig
+from tvkd_ray.data import collate
 from tvkd_ray.forward import ResponseLogps
 from tvkd_ray.models import load_student, load_tokenizer
 from tvkd_ray.step import Objective, StudentStep, apply_gradients
@@ -73,7 +74,5 @@ def step_seconds(bench: Bench, cfg: TVKDConfig, scored: list, reference_in_train
 
 
 def step_inputs(table, pad_id: int):
-    from tvkd_ray.data import collate
-
     batch = collate(table, pad_id)
     return batch.input_ids, batch.attention_mask, batch.response_mask
