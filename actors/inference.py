@@ -13,6 +13,7 @@ import pyarrow as pa
 import torch
 
 from actors.faults import maybe_crash
+from actors.progress import report
 from tvkd_ray import schema
 from tvkd_ray.data import PairBatch, collate
 from tvkd_ray.forward import autocast, autocast_dtype, response_hidden
@@ -85,8 +86,9 @@ class FrozenModel:
 
     role = "frozen"
 
-    def __init__(self, spec: FrozenModelSpec):
+    def __init__(self, spec: FrozenModelSpec, board=None, stage: str = ""):
         self.spec = spec
+        self.board, self.stage = board, stage  # where each scored block is counted
         if spec.num_threads:
             torch.set_num_threads(spec.num_threads)
         self.device, self.dtype, self.device_map = place(spec)
@@ -96,6 +98,15 @@ class FrozenModel:
         self.model = self.load(spec.model)
         self.pad_id = load_tokenizer(spec.model).pad_token_id
         self.batches = 0
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        """The Ray Data map: ``table`` with this role's columns appended, counted on the board."""
+        out = self.annotate(table)
+        report(self.board, "add", self.stage, table.num_rows)
+        return out
+
+    def annotate(self, table: pa.Table) -> pa.Table:
+        raise NotImplementedError
 
     def load(self, name: str):
         """Load a frozen model with this actor's placement."""

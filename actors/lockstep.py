@@ -81,6 +81,25 @@ def drop_nonfinite(table: pa.Table, on_invalid: str) -> tuple[pa.Table, int]:
     return table.filter(pa.array(~bad)), int(bad.sum())
 
 
+class ReplayedShard:
+    """A dataset shard read in full once, then replayed from memory: the eval pairs are scored
+    once per run however often the trainers evaluate (they are few, and their rows small)."""
+
+    def __init__(self, shard):
+        self.shard = shard
+        self.batches: list | None = None
+
+    def iter_batches(self, **kwargs):
+        if self.batches is not None:
+            yield from self.batches
+            return
+        read = []
+        for batch in self.shard.iter_batches(**kwargs):
+            read.append(batch)
+            yield batch
+        self.batches = read  # only a whole pass is replayed
+
+
 class ShardReader:
     """Batches of a dataset shard as pyarrow Tables, leaving out pairs trained before a resume
     (``skip_ids``) and pairs with non-finite teacher/reference values (counted in ``nonfinite``).

@@ -20,7 +20,7 @@ class ReferenceLogps(FrozenModel):
     role = "reference"
 
     @torch.inference_mode()
-    def __call__(self, table: pa.Table) -> pa.Table:
+    def annotate(self, table: pa.Table) -> pa.Table:
         started = time.perf_counter()
         with self.precision():
             batch, hidden, head = self.score(table)

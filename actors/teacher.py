@@ -46,8 +46,8 @@ class TeacherPotentials(FrozenModel):
 
     role = "teacher"
 
-    def __init__(self, spec: TeacherSpec):
-        super().__init__(spec)
+    def __init__(self, spec: TeacherSpec, board=None, stage: str = ""):
+        super().__init__(spec, board, stage)
         self.soft_value_args = {
             "tau": spec.tau,
             "q_scale": spec.q_scale,
@@ -56,7 +56,7 @@ class TeacherPotentials(FrozenModel):
         self.ref = self.load(spec.ref_model) if spec.potential == "implicit_reward" else None
 
     @torch.inference_mode()
-    def __call__(self, table: pa.Table) -> pa.Table:
+    def annotate(self, table: pa.Table) -> pa.Table:
         started = time.perf_counter()
         with self.precision():
             out = self._scored(table)

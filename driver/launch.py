@@ -13,7 +13,7 @@ from actors.trainer import TrainerSpec, train_loop_per_worker
 from driver import pools
 from driver.inputs import ModelPaths
 from driver.streams import Streams
-from tvkd_ray import errors, schema
+from tvkd_ray import errors, runtime, schema
 from tvkd_ray.config import TVKDConfig
 
 
@@ -48,7 +48,9 @@ def total_steps(cfg: TVKDConfig, streams: Streams) -> int:
     return steps if cfg.train.max_steps is None else min(steps, cfg.train.max_steps)
 
 
-def trainer_spec(cfg: TVKDConfig, paths: ModelPaths, streams: Streams, uri, run_id) -> TrainerSpec:
+def trainer_spec(
+    cfg: TVKDConfig, paths: ModelPaths, streams: Streams, uri, run_id, board=None
+) -> TrainerSpec:
     return TrainerSpec(
         config=cfg.to_dict(),
         student_path=paths.student_init,
@@ -60,6 +62,7 @@ def trainer_spec(cfg: TVKDConfig, paths: ModelPaths, streams: Streams, uri, run_
         mlflow_run_id=run_id,
         tracking_uri=uri,
         torch_threads=max(1, int(cfg.train.num_cpus_per_worker)),
+        progress_board=board,
     )
 
 
@@ -81,6 +84,10 @@ def run_trainers(cfg: TVKDConfig, spec: TrainerSpec, streams: Streams) -> ray.tr
             storage_path=str(cfg.run_dir),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Its controller's INFO lines (resource requests, worker group start) are its own.
+            logging_config=ray.train.LoggingConfig(
+                log_level="INFO" if runtime.verbose() else "WARNING"
+            ),
         ),
         datasets=datasets,
         dataset_config=ExactlyOnceDataConfig(),

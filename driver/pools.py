@@ -4,10 +4,12 @@ for, and the Ray Data operator that runs a pool."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import ray
 import ray.data
+from ray.util.annotations import RayDeprecationWarning
 
 from actors.inference import FrozenModel, FrozenModelSpec
 from actors.reference import ReferenceLogps
@@ -109,21 +111,26 @@ def check_resources(cfg: TVKDConfig) -> None:
             )
 
 
-def through_pool(ds: ray.data.Dataset, role: Role) -> ray.data.Dataset:
-    """``ds`` through a fixed-size pool of the role's actors with the pool's resources; dead
-    actors are restarted (``<section>.max_restarts``) and their batches retried."""
+def through_pool(ds: ray.data.Dataset, role: Role, board=None, stage: str = "") -> ray.data.Dataset:
+    """``ds`` through a fixed-size pool of the role's actors with the pool's resources, each
+    block counted as ``stage`` on the progress ``board``; dead actors are restarted
+    (``<section>.max_restarts``) and their batches retried."""
     pool = role.pool
-    return ds.map_batches(
-        role.actor,
-        fn_constructor_kwargs={"spec": role.spec},
-        batch_size=pool.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=pool.num_actors),
-        num_cpus=pool.num_cpus_per_actor,
-        num_gpus=pool.num_gpus_per_actor,
-        resources=pool.resources or None,
-        runtime_env={"env_vars": runtime.ACTOR_ALLOCATOR_ENV},  # merged into the job's env_vars
-        max_restarts=pool.max_restarts,
-        max_task_retries=-1,
-        udf_modifying_row_count=False,
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for actor restarts; only the catch-all one it marks
+        # as deprecated (removed in 2.64: ray is pinned below it) takes them.
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", RayDeprecationWarning)
+        return ds.map_batches(
+            role.actor,
+            fn_constructor_kwargs={"spec": role.spec, "board": board, "stage": stage},
+            batch_size=pool.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=pool.num_actors),
+            num_cpus=pool.num_cpus_per_actor,
+            num_gpus=pool.num_gpus_per_actor,
+            resources=pool.resources or None,
+            runtime_env={"env_vars": runtime.ACTOR_ALLOCATOR_ENV},  # merged into the job's env_vars
+            max_restarts=pool.max_restarts,
+            max_task_retries=-1,
+            udf_modifying_row_count=False,
+        )

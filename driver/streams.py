@@ -2,10 +2,11 @@
 
 Everything before Ray Train is lazy Ray Data plans, and only small Arrow columns (Φ per response
 token, two log-probs per pair) flow on to the trainers. Each training epoch is its own dataset, in
-its own seeded order. Each pool's ``cache`` decides whether its work is redone every epoch
-(``none``: it streams inside each epoch's plan), done once before training and kept (``memory``)
-or written to Parquet under a fingerprint (a directory); pools that cache run first, so a pool
-that streams every epoch never makes a cached one run again.
+its own seeded order. Each pool's ``cache`` decides when its work is done: ``auto`` streams in the
+first epoch and keeps what passed in Parquet for the later epochs and for reruns; ``none``
+streams inside every epoch's plan; ``memory`` and a directory score every pair before training
+(kept in the object store, or in Parquet). Pools scored before training come first, then
+``auto``, then ``none``, so a pool that streams every epoch never makes a cached one run again.
 """
 
 from __future__ import annotations
@@ -17,15 +18,21 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import ray.data
 
+from actors.progress import report
 from driver import pools
-from driver.cache import ScoreCache, blocks, fingerprint, in_order
+from driver.cache import CachedRows, PartWriter, ScoreCache, blocks, fingerprint, in_order
 from driver.inputs import ModelPaths, PairData
 from tvkd_ray import schema
 from tvkd_ray.config import TVKDConfig, resolve_path
 from tvkd_ray.data import tokenize_dataset
+
+AUTO = "auto"
+AUTO_FOLDER = "score-cache"  # under run.output_dir: runs of one output root share their scores
+NODE_ID_LABEL = "ray.io/node-id"  # every Ray node's own label
 
 
 @dataclass
@@ -37,6 +44,7 @@ class Streams:
     num_train_pairs: int
     rows_per_block: int
     data_report: dict[str, Any] = field(default_factory=dict)
+    to_seal: list[tuple[ScoreCache, int]] = field(default_factory=list)  # auto entries
 
 
 def rows_per_block(cfg: TVKDConfig) -> int:
@@ -53,92 +61,167 @@ def epoch_orders(num_pairs: int, epochs: int, seed: int) -> list[np.ndarray]:
     return [first, *later]
 
 
-def scored_streams(
-    cfg: TVKDConfig, paths: ModelPaths, table: pa.Table, split: str, orders: list[np.ndarray]
-) -> list[ray.data.Dataset]:
-    """``table``'s pairs tokenised and scored by every pool of the run, one dataset per row
-    order: pools that cache run once, before any order is taken (their rows wait on the driver
-    and in the object store); pools with ``cache: none`` stream within each dataset."""
-    per_block = rows_per_block(cfg)
-    stages = _cache_stages(cfg, paths, table, split, per_block)
-    cached = [stage for stage in stages if stage[0] != "none"]
-    streaming = [role for cache, group, _ in stages if cache == "none" for role in group]
-    rows = _cached_rows(cfg, paths, table, cached, per_block)
-    datasets = []
-    for order in orders:
-        if rows is None:
-            ds = _tokenized(cfg, paths, table.take(pa.array(order)), per_block)
+class StreamPlanner:
+    """Plans the scored datasets of one run: each split's pools grouped by cache, the progress
+    board every pool reports its pairs to, and the ``auto`` entries to seal after training."""
+
+    def __init__(self, cfg: TVKDConfig, paths: ModelPaths, board):
+        self.cfg, self.paths, self.board = cfg, paths, board
+        self.per_block = rows_per_block(cfg)
+        self.to_seal: list[tuple[ScoreCache, int]] = []
+        # Parts of ``auto`` are written and read on the driver's node: the cache is its folder.
+        self.driver_node = {NODE_ID_LABEL: ray.get_runtime_context().get_node_id()}
+
+    def datasets(self, table: pa.Table, split: str, orders: list[np.ndarray]) -> list:
+        """``table``'s pairs tokenised and scored by every pool of the run, one dataset per row
+        order: pools with memory or a directory run now, before any order is taken; ``auto``
+        streams in the first order and is read back in the others (or read, once sealed); pools
+        with ``cache: none`` stream within each dataset."""
+        stages = self._cache_stages(table, split)
+        auto = next((stage for stage in stages if stage[0] == AUTO), None)
+        if auto is not None and auto[2].seal(table.num_rows):
+            auto = None  # a whole entry: read like a directory's
+        before = [stage for stage in stages if stage[0] != "none" and stage is not auto]
+        rows = self._cached_rows(table, split, before)
+        if auto is None:
+            datasets = [self._source(table, rows, order) for order in orders]
         else:
-            ds = blocks(in_order(rows, table[schema.PAIR_ID].take(pa.array(order))), per_block)
-        for role in streaming:
-            ds = pools.through_pool(ds, role)
-        datasets.append(ds)
-    return datasets
+            datasets = self._auto_epochs(table, split, rows, orders, auto)
+        streaming = [role for cache, group, _ in stages if cache == "none" for role in group]
+        for i, ds in enumerate(datasets):
+            for role in streaming:
+                datasets[i] = ds = self._through(ds, role, split, table.num_rows)
+        return datasets
 
+    def _source(self, table: pa.Table, rows: pa.Table | None, order: np.ndarray):
+        """The pairs in ``order``: scored ``rows`` if any, else tokenised afresh."""
+        if rows is not None:
+            return blocks(
+                in_order(rows, table[schema.PAIR_ID].take(pa.array(order))), self.per_block
+            )
+        return tokenize_dataset(
+            blocks(table.take(pa.array(order)), self.per_block),
+            self.paths.tokenizer,
+            max_length=self.cfg.data.max_length,
+            max_prompt_length=self.cfg.data.max_prompt_length,
+            batch_size=self.per_block,
+            num_cpus=pools.TOKENIZE_CPUS,
+            max_actors=1,
+        )
 
-def _tokenized(cfg: TVKDConfig, paths: ModelPaths, table: pa.Table, per_block: int):
-    return tokenize_dataset(
-        blocks(table, per_block),
-        paths.tokenizer,
-        max_length=cfg.data.max_length,
-        max_prompt_length=cfg.data.max_prompt_length,
-        batch_size=per_block,
-        num_cpus=pools.TOKENIZE_CPUS,
-        max_actors=1,
-    )
+    def _through(self, ds, role: pools.Role, split: str, num_pairs: int):
+        """``ds`` through ``role``'s pool, each block counted on the progress board."""
+        stage = f"{role.name} {split}"
+        report(self.board, "expect", stage, num_pairs, "pairs")
+        return pools.through_pool(ds, role, self.board, stage)
 
+    def _cached_rows(self, table: pa.Table, split: str, stages) -> pa.Table | None:
+        """The pairs scored by every pool that runs before training (None without one). The
+        last Parquet entry that exists holds every column scored before it: start there, so no
+        pool before it runs."""
+        rows = None
+        hits = [i for i, (_, _, entry) in enumerate(stages) if entry is not None and entry.exists]
+        if hits:
+            rows = stages[hits[-1]][2].read_rows()
+            stages = stages[hits[-1] + 1 :]
+        for _, group, entry in stages:
+            order = np.arange(table.num_rows)
+            ds = self._source(table, rows, order)
+            for role in group:
+                ds = self._through(ds, role, split, table.num_rows)
+            if entry is None:  # memory
+                rows = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+            else:
+                entry.write(ds)
+                rows = entry.read_rows()
+        return rows
 
-def _cached_rows(cfg, paths, table: pa.Table, stages, per_block: int) -> pa.Table | None:
-    """The pairs scored by every caching pool (None without one). The last Parquet entry that
-    exists holds every column scored before it: start there, so no pool before it runs."""
-    rows = None
-    hits = [i for i, (_, _, entry) in enumerate(stages) if entry is not None and entry.exists]
-    if hits:
-        rows = stages[hits[-1]][2].read_rows()
-        stages = stages[hits[-1] + 1 :]
-    for _, group, entry in stages:
-        ds = _tokenized(cfg, paths, table, per_block) if rows is None else blocks(rows, per_block)
+    def _auto_epochs(self, table, split, rows, orders, stage) -> list:
+        """``auto``: the first order streams through the pools and is written as it passes
+        (pairs an earlier, stopped run wrote come first, from its parts); later orders read the
+        parts back."""
+        _, group, entry = stage
+        ids = table[schema.PAIR_ID].take(pa.array(orders[0]))
+        done = entry.partial_rows()
+        if done is None:
+            entry.warn_miss()
+            fresh, cached = orders[0], None
+        else:
+            have = pc.is_in(ids, value_set=done[schema.PAIR_ID]).to_numpy(zero_copy_only=False)
+            fresh = orders[0][~have]
+            cached = blocks(in_order(done, ids.filter(pa.array(have))), self.per_block)
+        first = self._source(table, rows, fresh)
         for role in group:
-            ds = pools.through_pool(ds, role)
-        if entry is None:  # memory
-            rows = pa.concat_tables(ray.get(ds.to_arrow_refs()))
-        else:
-            entry.write(ds)
-            rows = entry.read_rows()
-    return rows
+            first = self._through(first, role, split, len(fresh))
+        first = self._on_driver_node(first, PartWriter, entry)
+        if cached is not None:
+            first = cached.union(first)
+        self.to_seal.append((entry, table.num_rows))
+        return [first, *(self._read_back(table, order, entry) for order in orders[1:])]
+
+    def _read_back(self, table: pa.Table, order: np.ndarray, entry: ScoreCache):
+        ids = table.select([schema.PAIR_ID]).take(pa.array(order))
+        return self._on_driver_node(blocks(ids, self.per_block), CachedRows, entry)
+
+    def _on_driver_node(self, ds, actor: type, entry: ScoreCache):
+        """``ds`` through one ``actor`` on the driver's node, at the entry's parts: one light
+        process, on any cluster (its head may offer no CPUs)."""
+        return ds.map_batches(
+            actor,
+            fn_constructor_kwargs={"directory": str(entry.partial)},
+            compute=ray.data.ActorPoolStrategy(size=1),
+            batch_size=None,
+            batch_format="pyarrow",
+            num_cpus=0,
+            label_selector=self.driver_node,
+            udf_modifying_row_count=False,
+        )
+
+    def _cache_stages(self, table: pa.Table, split: str):
+        """The run's pools in groups of one cache, ``(cache, roles, entry)``: those scored before
+        training first, then ``auto``, then ``none``; an entry is keyed on every pool scored up
+        to it (it holds all their columns)."""
+        cfg = self.cfg
+        auto_root = resolve_path(cfg.run.output_dir) / AUTO_FOLDER
+
+        def cache_of(role: pools.Role) -> str:
+            cache = role.pool.cache
+            return cache if cache in ("none", "memory", AUTO) else str(resolve_path(cache))
+
+        def rank(role: pools.Role) -> int:
+            return {AUTO: 1, "none": 2}.get(role.pool.cache, 0)
+
+        ordered = sorted(pools.roles(cfg, self.paths), key=rank)
+        stages, scored = [], []
+        for cache, group in itertools.groupby(ordered, key=cache_of):
+            group = list(group)
+            scored += group
+            entry = None
+            if cache not in ("none", "memory"):
+                parts = fingerprint(cfg, self.paths.tokenizer, table, scored)
+                entry = ScoreCache(auto_root if cache == AUTO else Path(cache), split, parts)
+            stages.append((cache, group, entry))
+        return stages
 
 
-def _cache_stages(cfg: TVKDConfig, paths: ModelPaths, table: pa.Table, split: str, per_block: int):
-    """The run's pools in groups of one cache, ``(cache, roles, entry)``, cached groups first;
-    a directory's entry is keyed on every pool scored up to it (it holds all their columns)."""
-
-    def cache_of(role: pools.Role) -> str:
-        cache = role.pool.cache
-        return cache if cache in ("none", "memory") else str(resolve_path(cache))
-
-    ordered = sorted(pools.roles(cfg, paths), key=lambda role: role.pool.cache == "none")
-    stages, scored = [], []
-    for cache, group in itertools.groupby(ordered, key=cache_of):
-        group = list(group)
-        scored += group
-        entry = None
-        if cache not in ("none", "memory"):
-            parts = fingerprint(cfg, paths.tokenizer, table, scored)
-            entry = ScoreCache(Path(cache), split, parts)
-        stages.append((cache, group, entry))
-    return stages
-
-
-def build_streams(cfg: TVKDConfig, paths: ModelPaths, data: PairData) -> Streams:
+def build_streams(cfg: TVKDConfig, paths: ModelPaths, data: PairData, board=None) -> Streams:
     """Plan the scored streams (and run now the pools whose cache keeps their results)."""
+    planner = StreamPlanner(cfg, paths, board)
     epochs = epoch_orders(data.train.num_rows, cfg.train.epochs, cfg.run.seed)
     evals = None
     if data.eval is not None:
-        (evals,) = scored_streams(cfg, paths, data.eval, "eval", [np.arange(data.eval.num_rows)])
+        (evals,) = planner.datasets(data.eval, "eval", [np.arange(data.eval.num_rows)])
     return Streams(
-        train=scored_streams(cfg, paths, data.train, "train", epochs),
+        train=planner.datasets(data.train, "train", epochs),
         eval=evals,
         num_train_pairs=data.train.num_rows,
-        rows_per_block=rows_per_block(cfg),
+        rows_per_block=planner.per_block,
         data_report=data.report,
+        to_seal=planner.to_seal,
     )
+
+
+def seal_caches(streams: Streams) -> None:
+    """After training: the ``auto`` parts that now hold every pair become their entries."""
+    for entry, num_pairs in streams.to_seal:
+        entry.seal(num_pairs)

@@ -6,6 +6,7 @@
         python jobs/tvkd.py --config examples/tiny.yaml --run.output_dir /abs/path
 
 Bad input ends with one ``error: ...`` line and exit status 2; ``--debug`` shows the traceback.
+``--verbose`` shows everything Ray, Ray Data, Ray Train, MLflow and transformers print.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tvkd_ray.config import field_docs, load_config  # noqa: E402
 from tvkd_ray.errors import TVKDError  # noqa: E402
 
 USAGE = """usage: python jobs/tvkd.py [--config FILE.yaml] [--section.key VALUE ...]
-                          [--print-config] [--debug] [--help]"""
+                          [--print-config] [--verbose] [--debug] [--help]"""
 
 
 def _help() -> str:
@@ -38,13 +39,13 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str], dict[str, bool]]
     """(config path, ``section.key=value`` overrides, flags) from the command line."""
     config_path = None
     overrides: list[str] = []
-    flags = {"print_config": False, "debug": False, "help": False}
+    flags = {"print_config": False, "debug": False, "verbose": False, "help": False}
     args = list(argv)
     while args:
         arg = args.pop(0)
         if arg in ("-h", "--help"):
             flags["help"] = True
-        elif arg in ("--print-config", "--debug"):
+        elif arg in ("--print-config", "--debug", "--verbose"):
             flags[arg[2:].replace("-", "_")] = True
         elif arg == "--config" or arg.startswith("--config="):
             if "=" in arg:
@@ -78,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _interrupt_on_sigterm()
     debug = "--debug" in argv
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    verbose = "--verbose" in argv
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         config_path, overrides, flags = parse_args(argv)
         if flags["help"]:
@@ -88,12 +91,16 @@ def main(argv: list[str] | None = None) -> int:
         if flags["print_config"]:
             print(cfg.to_yaml(), end="")
             return 0
+        from tvkd_ray import runtime
+
+        if flags["verbose"]:
+            runtime.make_verbose()
         import ray.data
 
         from tvkd_ray import fit
 
-        # The CLI owns its process: per-step [tvkd] lines, not Ray Data's progress bars.
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        # The CLI owns its process: the driver's [tvkd] lines, not Ray Data's progress bars.
+        ray.data.DataContext.get_current().enable_progress_bars = flags["verbose"]
         result = fit(cfg)
     except TVKDError as exc:
         if debug:

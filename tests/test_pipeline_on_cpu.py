@@ -6,6 +6,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import logging  # noqa: E402
+import shutil  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -13,6 +14,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
+import ray  # noqa: E402
 import torch  # noqa: E402
 from test_actors_on_cpu import (  # noqa: E402
     assert_lists_close,
@@ -21,6 +23,7 @@ from test_actors_on_cpu import (  # noqa: E402
     direct_token_logps,
 )
 
+from actors.progress import ProgressBoard  # noqa: E402
 from driver import cache as score_cache  # noqa: E402
 from driver import inputs, pools, streams  # noqa: E402
 from tvkd_ray import schema  # noqa: E402
@@ -66,10 +69,10 @@ def make_config(train_file, output_dir):
     return make
 
 
-def build_streams(cfg, paths) -> streams.Streams:
+def build_streams(cfg, paths, board=None) -> streams.Streams:
     """The pipeline as ``fit`` runs it: tokenizers and pairs checked first, then the plan."""
     data = inputs.load_data(cfg, inputs.check_tokenizers(cfg))
-    return streams.build_streams(cfg, paths, data)
+    return streams.build_streams(cfg, paths, data, board)
 
 
 def consume(ds) -> pa.Table:
@@ -150,9 +153,9 @@ def test_teacher_cache_reuses_matching_parquet_and_recomputes_on_change(
     plans = []
     through_pool = pools.through_pool
 
-    def counted(ds, role):
+    def counted(ds, role, *progress):
         plans.extend([role] if role.name == "teacher" else [])
-        return through_pool(ds, role)
+        return through_pool(ds, role, *progress)
 
     monkeypatch.setattr(pools, "through_pool", counted)
 
@@ -210,9 +213,9 @@ def test_each_pool_keeps_its_own_cache(ray_cluster, make_config, tmp_path, monke
     planned = []
     through_pool = pools.through_pool
 
-    def counted(ds, role):
+    def counted(ds, role, *progress):
         planned.append(role.name)
-        return through_pool(ds, role)
+        return through_pool(ds, role, *progress)
 
     monkeypatch.setattr(pools, "through_pool", counted)
     build_streams(cfg, paths)
@@ -224,6 +227,63 @@ def test_each_pool_keeps_its_own_cache(ray_cluster, make_config, tmp_path, monke
     again = build_streams(cfg, paths)
     assert planned == ["teacher"]
     assert_every_pair_once_with_direct_values(consume(again.train[0]), cfg, paths)
+
+
+def test_auto_cache_streams_the_first_epoch_and_keeps_it(ray_cluster, make_config, tmp_path):
+    """``auto``: the first epoch streams through both pools and writes each block as it passes;
+    the second epoch reads those parts back (no pool), in its own order; sealed after training,
+    the entry serves a rerun without any pool; a rerun after a stop scores only the pairs its
+    parts lack."""
+    auto = ["teacher.cache=auto", "reference.cache=auto", "train.epochs=2"]
+    cfg = make_config(*auto, f"run.output_dir={tmp_path}")
+    paths = inputs.prepare_models(cfg)
+    board = ProgressBoard.remote()
+    planned = build_streams(cfg, paths, board)
+    first, second = planned.train
+    ((entry, num_pairs),) = planned.to_seal
+    assert num_pairs == NUM_PAIRS and not entry.exists and entry.root == tmp_path / "score-cache"
+    orders = streams.epoch_orders(NUM_PAIRS, 2, seed=cfg.run.seed)
+    arrived = pa.concat_tables(first.iter_batches(batch_size=8, batch_format="pyarrow"))
+    assert arrived[schema.PAIR_ID].to_pylist() == orders[0].tolist()
+    assert "TeacherPotentials" in first.stats() and len(list(entry.partial.glob("part-*"))) == 3
+    rows = arrived.sort_by(schema.PAIR_ID)
+    assert_every_pair_once_with_direct_values(rows, cfg, paths)
+    read_back = pa.concat_tables(second.iter_batches(batch_size=8, batch_format="pyarrow"))
+    assert read_back[schema.PAIR_ID].to_pylist() == orders[1].tolist()
+    assert "TeacherPotentials" not in second.stats()
+    assert read_back.sort_by(schema.PAIR_ID).equals(rows)
+    _, stages = ray.get(board.snapshot.remote())
+    assert {k: (v.done, v.total) for k, v in stages.items()} == {
+        "teacher train": (NUM_PAIRS, NUM_PAIRS),
+        "reference train": (NUM_PAIRS, NUM_PAIRS),
+    }
+
+    streams.seal_caches(planned)
+    assert entry.exists and not entry.partial.exists()
+    rerun = build_streams(cfg, paths)
+    assert rerun.to_seal == []
+    assert (
+        consume(rerun.train[0]).equals(rows) and "TeacherPotentials" not in rerun.train[0].stats()
+    )
+
+    # A stop after two blocks: the next run scores the third block only, its first epoch
+    # brings the pairs already written first, and its parts then make the whole entry again.
+    shutil.rmtree(entry.target)
+    writer = score_cache.PartWriter(str(entry.partial))
+    for start in (0, 8):
+        writer(rows.slice(start, 8))
+    board = ProgressBoard.remote()
+    resumed = build_streams(cfg, paths, board)
+    assert scores(consume(resumed.train[0])).equals(scores(rows))
+    _, stages = ray.get(board.snapshot.remote())
+    assert stages["teacher train"].total == stages["teacher train"].done == 8
+    streams.seal_caches(resumed)
+    assert entry.exists and scores(entry.read_rows()).equals(scores(rows))
+
+
+def scores(rows: pa.Table) -> pa.Table:
+    """The scored columns by pair, without the actors' timings (those differ run to run)."""
+    return rows.drop_columns([schema.TEACHER_S, schema.REFERENCE_S]).sort_by(schema.PAIR_ID)
 
 
 @pytest.mark.faults

@@ -60,12 +60,19 @@ class RunConfig:
     name: str = _field(
         "tvkd-default",
         "Run name. Outputs go to <output_dir>/<name>; rerunning with the same name and output_dir "
-        "resumes from the last checkpoint and continues the same MLflow run.",
+        "resumes from the last checkpoint and continues the same MLflow run; once the run has "
+        "finished, rerunning it only reports its outputs (see overwrite).",
     )
     output_dir: str = _field(
         "~/tvkd-ray-outputs",
         "Root for run outputs, checkpoints and the default MLflow store. Resolved to an absolute "
         "path at start-up (a Ray job's working directory is a temporary copy).",
+    )
+    overwrite: bool = _field(
+        False,
+        "Start <output_dir>/<name> afresh: delete its checkpoints, model and MLflow run link "
+        "first (the MLflow run itself stays in the store). Without it, a finished run is not "
+        "trained again.",
     )
     seed: int = _field(0, "Seed for model initialisation, data order and dropout.")
     stage: Literal["tvkd", "dpo", "sft"] = _field(
@@ -154,10 +161,12 @@ class StudentConfig:
 
 
 CACHE_HELP = (
-    "none: score every epoch, streaming; memory: score once before training and keep the "
-    "results in the object store (one copy per epoch, each in its own order); a "
-    "directory path: write Parquet keyed by a fingerprint of the data, tokenizer, models and "
-    "settings, and reuse it when it matches."
+    "auto: stream to the trainers in the first epoch and write what passes to Parquet under "
+    "<run.output_dir>/score-cache, keyed by a fingerprint of the data, tokenizer, models and "
+    "settings; later epochs and reruns that match read it; none: score every epoch, streaming; "
+    "memory: score once before training and keep the results in the object store; a directory "
+    "path: score once before training into Parquet there (same fingerprint), reused when it "
+    "matches."
 )
 
 
@@ -204,7 +213,7 @@ class PoolConfig:
         "Custom Ray resources each actor asks for beside its CPUs/GPUs (e.g. {scorer: 1}): the "
         "pool runs only on nodes started with them (ray start --resources).",
     )
-    cache: str = _field("memory", CACHE_HELP)
+    cache: str = _field("auto", CACHE_HELP)
 
     def __post_init__(self) -> None:
         section = self.SECTION
@@ -214,7 +223,9 @@ class PoolConfig:
         _require(gpus >= 0, f"{section}.num_gpus_per_actor", f"must be >= 0, got {gpus}")
         _require(self.batch_size >= 1, f"{section}.batch_size", "must be >= 1")
         _require(self.max_restarts >= 0, f"{section}.max_restarts", "must be >= 0")
-        _require(bool(self.cache.strip()), f"{section}.cache", "must be none, memory or a path")
+        _require(
+            bool(self.cache.strip()), f"{section}.cache", "must be auto, none, memory or a path"
+        )
         own = {"CPU": f"{section}.num_cpus_per_actor", "GPU": f"{section}.num_gpus_per_actor"}
         self.resources = dict(self.resources)  # never the caller's dict
         _check_resources(f"{section}.resources", self.resources, own)
@@ -241,7 +252,7 @@ class ReferenceConfig(PoolConfig):
     model: str | None = _field(
         None, "Reference model; null means the student's initial weights (the usual DPO setup)."
     )
-    cache: str = _field("memory", f"Reference log-probs: {CACHE_HELP}")
+    cache: str = _field("auto", f"Reference log-probs: {CACHE_HELP}")
 
 
 @dataclass
@@ -258,7 +269,7 @@ class TeacherConfig(PoolConfig):
         "Weights dtype (auto: float32 on CPU, bfloat16 on GPU, half the memory of the "
         "student's float32 master weights); null: as student.dtype.",
     )
-    cache: str = _field("memory", f"Teacher potentials (and top-k): {CACHE_HELP}")
+    cache: str = _field("auto", f"Teacher potentials (and top-k): {CACHE_HELP}")
     ref_model: str | None = _field(
         None,
         "The teacher's pre-DPO checkpoint; required by loss.potential = implicit_reward.",

@@ -28,12 +28,33 @@ PROCESS_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "TOKENIZERS_PARALLELISM": "false",
 }
+# What a run prints is the driver's console (driver/console.py): the libraries' progress bars and
+# INFO logs stay off in every process unless TVKD_VERBOSE=1 (jobs/tvkd.py --verbose); their
+# warnings and errors still show.
+QUIET_ENV = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "RAY_DATA_LOG_LEVEL": "WARNING",
+}
+VERBOSE_ENV = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "0",
+    "MLFLOW_LOGGING_LEVEL": "INFO",
+    "RAY_DATA_LOG_LEVEL": "INFO",
+}
+VERBOSE_FLAG = "TVKD_VERBOSE"
 # Every process of a cluster that fit() starts itself.
-RAY_ENV = {**PROCESS_ENV, **ALLOCATOR_ENV}
+RAY_ENV = {**PROCESS_ENV, **ALLOCATOR_ENV, **QUIET_ENV}
 # Usage reporting is the cluster's choice, not a job's: a submitted job gives its workers the rest.
 _CLUSTER_CHOICES = ("RAY_USAGE_STATS_ENABLED",)
 # Variables of the driver's environment that its cluster's processes need too.
-PASSED_THROUGH = ("HF_HUB_OFFLINE", "TVKD_CACHE_DIR", "TVKD_FAULT", "TVKD_FAULT_FILE")
+PASSED_THROUGH = (
+    "HF_HUB_OFFLINE",
+    "TVKD_CACHE_DIR",
+    "TVKD_FAULT",
+    "TVKD_FAULT_FILE",
+    VERBOSE_FLAG,
+    *QUIET_ENV,  # --verbose sets them in the driver
+)
 # MLflow's HTTP client retries for minutes by default; training must not wait that long.
 MLFLOW_CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 # Machines without the hub (tests, benchmarks, the load test): local models only (SPEC §9).
@@ -48,6 +69,17 @@ TEST_CLUSTER_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
+
+
+def verbose() -> bool:
+    """Whether this run shows the libraries' own output (``--verbose``)."""
+    return os.environ.get(VERBOSE_FLAG) == "1"
+
+
+def make_verbose() -> None:
+    """Bring back the libraries' progress bars and INFO logs in this process and the clusters
+    it starts (set before fit(); a submitted job's workers keep its runtime env's)."""
+    os.environ.update({VERBOSE_FLAG: "1", **VERBOSE_ENV})
 
 
 def set_defaults(env: dict[str, str]) -> None:
