@@ -59,10 +59,13 @@ class MetricWindow:
 
 
 def eval_means(collective: Collective, sums: dict[str, float]) -> dict[str, float]:
-    """``eval/`` means over every worker's eval pairs of the summed step metrics."""
+    """``eval/`` means over every worker's eval pairs of the summed step metrics: quality only,
+    so the eval group of the UI holds the train names' counterparts (the actor seconds of the
+    eval pairs are throughput, measured in training)."""
     total = collective.sum_by_key({**sums, "pairs": sums.get("pairs", 0.0)})
     pairs = max(total.pop("pairs"), 1.0)
-    kept = {k: v for k, v in total.items() if k not in COUNTS}
+    skip = set(COUNTS) | set(ACTOR_SECONDS.values())
+    kept = {k: v for k, v in total.items() if k not in skip}
     return {f"eval/{k}": v / pairs for k, v in kept.items()}
 
 

@@ -25,7 +25,7 @@ from actors.faults import maybe_crash
 from actors.lockstep import Collective, Lockstep, ShardReader
 from actors.parallel import strategy_for
 from actors.reporting import MetricWindow, eval_means, progress_line
-from tvkd_ray import runtime, schema
+from tvkd_ray import figures, runtime, schema
 from tvkd_ray.config import config_from_dict
 from tvkd_ray.errors import CheckpointError
 from tvkd_ray.forward import ResponseLogps, autocast_dtype
@@ -288,16 +288,19 @@ class StudentTrainer:
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, keep_pairs: int = 0) -> dict[str, float]:
         """Pair-weighted ``eval/`` metrics over every worker's eval shard (none without one):
         read in lockstep, so that any number of workers works with any eval set, even one
-        smaller than a block per worker; ``eval/num_pairs`` counts the pairs scored."""
+        smaller than a block per worker; ``eval/num_pairs`` counts the pairs scored. The first
+        ``keep_pairs`` scored pairs of this worker are written for the driver's shaping picture
+        (``tvkd_ray.figures``): the trainers hold the teacher's scores, the driver does not."""
         if self.eval_shard is None:
             return {}
         cfg = self.cfg
         reader = ShardReader(self.eval_shard, cfg.train.batch_size, cfg.data.on_invalid)
         lockstep = Lockstep(self.collective, reader, self._placeholder())
         totals: dict[str, float] = {}
+        kept: list[pa.Table] = []
         self.model.eval()
         with torch.no_grad():
             while batches := lockstep.next_step(1):
@@ -305,7 +308,11 @@ class StudentTrainer:
                 if not batches[0].placeholder:
                     for k, v in sums.items():
                         totals[k] = totals.get(k, 0.0) + v
+                    if sum(t.num_rows for t in kept) < keep_pairs:
+                        kept.append(batches[0].table)
         self.model.train()
+        if kept:
+            figures.write_pairs(kept, self.spec.run_dir, self.collective.rank)
         return {
             **eval_means(self.collective, totals),
             "eval/num_pairs": float(lockstep.epoch_pairs),
@@ -313,7 +320,8 @@ class StudentTrainer:
 
     def finish(self) -> None:
         """Final eval, the Hugging Face model, a last checkpoint; the MLflow run is FINISHED."""
-        final = {**self.last_metrics, **self.evaluate(), "step": float(self.state.step)}
+        keep = figures.NUM_PAIRS if self.cfg.uses_teacher else 0
+        final = {**self.last_metrics, **self.evaluate(keep), "step": float(self.state.step)}
         model_dir = self.spec.model_dir
         weights = self.strategy.full_weights(self.model) if self.strategy.gathers else None
         if self.collective.rank == 0:

@@ -107,6 +107,17 @@ def fit(config, train_dataset=None, eval_dataset=None) -> FitResult:
         try:
             spec = launch.trainer_spec(cfg, paths, streams, uri, run_id)
             result = launch.run_trainers(cfg, spec, streams)
+            tracking.close_run(
+                cfg,
+                uri,
+                run_id,
+                model_dir=spec.model_dir,
+                step=int((result.metrics or {}).get("step", 0)),
+                train=data.train,
+                eval=data.eval,
+                data_report=data.report,
+                decode=tokenizer.decode,
+            )
         except BaseException as exc:
             # A stopped run is KILLED (rerun to resume), anything else FAILED.
             status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"

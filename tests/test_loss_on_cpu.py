@@ -325,3 +325,14 @@ def test_float_noise_margins_are_ties_not_wins():
     learnt = metrics_of(ref + torch.tensor([0.01, -0.01, 0.01]))  # 1e-3 reward: a preference
     assert learnt["rewards/accuracies"] == pytest.approx(2 / 3)
     assert learnt["tvkd/shaped_accuracies"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_shaping_picture_terms_sum_to_the_loss_shaping_return(center):
+    """The per-token F_t the run's shaping picture draws are the terms the loss sums."""
+    from tvkd_ray.figures import shaping_terms
+
+    phi = torch.randn(1, 7)
+    _, terms = shaping_terms(phi[0].tolist(), 0.9, center)
+    expected = shaping_return(phi, torch.ones(1, 7, dtype=torch.bool), 0.9, center=center)
+    assert terms.sum() == pytest.approx(expected.item(), rel=1e-5, abs=1e-5)

@@ -16,6 +16,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import yaml
 from support import CLI, clean_env
 
 from tvkd_ray.config import load_config
@@ -134,6 +135,7 @@ def test_fit_api_two_workers_survives_a_dead_worker(ray_cluster, arm_fault, tmp_
     assert [m.value for m in accuracy if m.step == 0] == [0.0]
     assert run.data.metrics["perf/teacher_bytes_per_token"] <= 8
     assert all(np.isfinite(v) for v in run.data.metrics.values())
+    _check_run_story(client, run, train_pairs=40, eval_pairs=3)
 
     from transformers import AutoModelForCausalLM
 
@@ -141,6 +143,41 @@ def test_fit_api_two_workers_survives_a_dead_worker(ray_cluster, arm_fault, tmp_
     assert (model_dir / "model.safetensors").exists()
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     assert model.config.num_hidden_layers == 2
+
+
+def _check_run_story(client, run, train_pairs: int, eval_pairs: int) -> None:
+    """What the MLflow UI shows of a finished TVKD run: every metric in a TRL name or a group,
+    the datasets with their row counts, the shaping picture, the student as a logged model
+    (transformers flavour), description, source and duration, the experiment's model-training
+    mode."""
+    groups = {"rewards", "logps", "tvkd", "perf", "timing_s", "data", "eval"}
+    trl = {"loss", "grad_norm", "learning_rate", "num_tokens", "epoch"}
+    loose = [m for m in run.data.metrics if m not in trl and m.split("/")[0] not in groups]
+    assert not loose, loose
+    assert not [m for m in run.data.metrics if m.startswith("eval/") and m.endswith("_s")]
+    rows = {
+        tag.value: json.loads(d.dataset.profile)["num_rows"]
+        for d in run.inputs.dataset_inputs
+        for tag in d.tags
+        if tag.key == "mlflow.data.context"
+    }
+    assert rows == {"training": train_pairs, "eval": eval_pairs}
+    assert "shaping_terms.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    (output,) = run.outputs.model_outputs
+    model = client.get_logged_model(output.model_id)
+    assert model.status == "READY" and model.source_run_id == run.info.run_id
+    files = [a.path for a in client.list_logged_model_artifacts(model.model_id)]
+    assert "MLmodel" in files, files
+    mlmodel = mlflow.artifacts.download_artifacts(f"{model.artifact_location}/MLmodel")
+    flavors = yaml.safe_load(Path(mlmodel).read_text())["flavors"]
+    assert flavors["transformers"]["task"] == "text-generation" and "python_function" in flavors
+    tags = run.data.tags
+    assert tags["mlflow.note.content"].startswith("**TVKD**")
+    assert tags["mlflow.source.name"] and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["tvkd.potential"] == "soft_value" and tags["tvkd.alpha_one_minus_gamma"] == "0.05"
+    assert run.info.end_time >= run.info.start_time > 0
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def _cli(args: list[str], env: dict, **kwargs) -> subprocess.Popen:
