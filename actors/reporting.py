@@ -69,8 +69,8 @@ def eval_means(collective: Collective, sums: dict[str, float]) -> dict[str, floa
     return {f"eval/{k}": v / pairs for k, v in kept.items()}
 
 
-def progress_line(step: int, total: int, metrics: dict[str, float]) -> str:
-    """One compact line per report."""
+def progress_line(metrics: dict[str, float]) -> str:
+    """The metrics of a report's progress line, compactly."""
     shown = [
         ("loss", "loss"),
         ("acc", "rewards/accuracies"),
@@ -79,4 +79,4 @@ def progress_line(step: int, total: int, metrics: dict[str, float]) -> str:
         ("tok/s", "perf/tokens_per_s"),
     ]
     parts = [f"{name} {metrics[key]:.4g}" for name, key in shown if key in metrics]
-    return f"[tvkd] step {step}/{total}  " + "  ".join(parts)
+    return "  ".join(parts)

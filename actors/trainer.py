@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 import random
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,8 +22,9 @@ import torch
 
 from actors.checkpoint import TrainState, load_checkpoint, save_checkpoint, save_hf_model
 from actors.faults import maybe_crash
-from actors.lockstep import Collective, Lockstep, ShardReader
+from actors.lockstep import Collective, Lockstep, ReplayedShard, ShardReader
 from actors.parallel import strategy_for
+from actors.progress import report
 from actors.reporting import MetricWindow, eval_means, progress_line
 from tvkd_ray import figures, runtime, schema
 from tvkd_ray.config import config_from_dict
@@ -48,6 +49,7 @@ class TrainerSpec:
     mlflow_run_id: str | None
     tracking_uri: str | None
     torch_threads: int
+    progress_board: Any = None  # actors.progress.ProgressBoard: the driver prints the steps
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -121,7 +123,9 @@ class StudentTrainer:
             self.logger.set_tag("tvkd.resumed_from_step", str(self.state.step))
             self.logger.set_status("RUNNING")
         self.eval_shard = (
-            ray.train.get_dataset_shard(schema.EVAL_DATASET) if spec.has_eval else None
+            ReplayedShard(ray.train.get_dataset_shard(schema.EVAL_DATASET))
+            if spec.has_eval
+            else None
         )
         self.lockstep: Lockstep | None = None  # the current epoch's
         self.last_metrics: dict[str, float] = {}
@@ -264,9 +268,9 @@ class StudentTrainer:
             return
         self.logger.log_metrics(metrics, self.state.step)
         if log_progress:
-            # Not print(): Ray Train patches it to log each line too, so it showed twice.
-            sys.stdout.write(progress_line(self.state.step, self.spec.total_steps, metrics) + "\n")
-            sys.stdout.flush()
+            # The driver prints it: one line per report, with the rate and ETA, no worker prefix.
+            step, total = self.state.step, self.spec.total_steps
+            report(self.spec.progress_board, "set", "train", step, total, progress_line(metrics))
 
     def save(self, metrics: dict[str, float]) -> None:
         """Every worker reports to Ray Train; rank 0 attaches the checkpoint.

@@ -130,10 +130,10 @@ class Console:
 class WorkerLogFilter:
     """Leaves out of the driver's console the lines Ray's own processes print about themselves
     on every run (the Train controller's placement-group watchdog, worker start-up counts, a
-    deprecation inside Ray Data, C++ notes on actor arguments). Everything else the workers
-    print, warnings and errors included, still shows; ``--verbose`` keeps it all. Ray has no
-    public hook for this: the filter wraps the handler ``ray.init`` installs, and does nothing
-    if that is not there."""
+    deprecation inside Ray Data, C++ notes on actor arguments, each report's metrics dict).
+    Everything else the workers print, warnings and errors included, still shows; ``--verbose``
+    keeps it all. Ray has no public hook for this: the filter wraps the handler ``ray.init``
+    installs, and does nothing if that is not there."""
 
     ACTORS = ("PlacementGroupCleaner",)
     LINES = re.compile(
@@ -144,6 +144,9 @@ class WorkerLogFilter:
                 r"`ExecutionOptions\.exclude_resources` is deprecated",
                 r"^\s*self\.exclude_resources = exclude_resources$",
                 r"^Progress bars disabled\. To enable",
+                # Ray Train's INFO lines logged outside its own loggers (its level misses them).
+                r"^Reporting training result \d+: TrainingReport\(",
+                r"^Checkpoint successfully created at: ",
             ]
         )
     )

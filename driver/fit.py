@@ -7,9 +7,12 @@ initial weights, the teacher/reference actor pools and the Ray Train run.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
-from dataclasses import dataclass, field
+import shutil
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -19,6 +22,9 @@ if TYPE_CHECKING:
 # the standard library when loaded: the core, the rest of the driver and Ray load when fit()
 # runs. Importing any core module then stays light, and no import order can meet a half-loaded
 # module.
+
+logger = logging.getLogger(__name__)
+RESULT_FILE = "result.json"  # written when a run has finished
 
 
 @dataclass
@@ -32,6 +38,24 @@ class FitResult:
     mlflow_run_id: str | None
     tracking_uri: str | None
     data_report: dict[str, Any] = field(default_factory=dict)
+    already_finished: bool = False  # this call found the run finished and trained nothing
+
+
+def finished_run(cfg: TVKDConfig) -> FitResult | None:
+    """The result of this run directory's finished run, if it has one (and no overwrite)."""
+    path = cfg.run_dir / RESULT_FILE
+    if cfg.run.overwrite or not path.exists():
+        return None
+    result = FitResult(**json.loads(path.read_text()))
+    result.already_finished = True
+    logger.warning(
+        "run %r already finished in %s (model %s); nothing to do: start a fresh run with "
+        "another run.name, or run.overwrite=true to train this one again",
+        cfg.run.name,
+        cfg.run_dir,
+        result.model_dir,
+    )
+    return result
 
 
 def as_config(config: TVKDConfig | dict | str | os.PathLike) -> TVKDConfig:
@@ -44,6 +68,13 @@ def as_config(config: TVKDConfig | dict | str | os.PathLike) -> TVKDConfig:
     if isinstance(config, dict):
         return config_from_dict(config)
     return load_config(config)
+
+
+AUTH_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _drop_auth_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray")
 
 
 def ensure_ray(cfg: TVKDConfig) -> bool:
@@ -60,6 +91,11 @@ def ensure_ray(cfg: TVKDConfig) -> bool:
         # Under `ray job submit` (or an explicit address): attach; the job's runtime env rules.
         ray.init()
         return True
+    if not runtime.verbose():
+        # Ray turns token authentication on for a new local cluster (unless RAY_AUTH_MODE says
+        # otherwise) and says so at every start; the header tells where the run goes instead.
+        logging.getLogger(AUTH_NOTICE_LOGGER).addFilter(_drop_auth_notice)
+        logging.getLogger("ray").setLevel(logging.WARNING)  # "Started a local Ray instance"
     # Logical CPUs are over-committed on purpose: the pools' processes share the cores, and an
     # exact count would leave an actor pool waiting on a small machine (SPEC §9). Twice the
     # demand lets the eval stream start while the train stream's pools are still winding down.
@@ -81,15 +117,23 @@ def fit(config, train_dataset=None, eval_dataset=None) -> FitResult:
     replace ``data.train_path`` / ``data.eval_path``. Ray is started only when not already
     running, and then shut down at the end.
     """
+    from tvkd_ray import runtime
+
+    # Before the libraries load: they read these once, at import.
+    runtime.set_defaults(runtime.QUIET_ENV)
+    runtime.set_defaults(runtime.MLFLOW_CLIENT_ENV)  # the driver opens and closes the run too
     import ray
 
     from driver import inputs, launch
+    from driver.console import Console, WorkerLogFilter, header
     from driver.pools import check_resources
-    from driver.streams import build_streams
-    from tvkd_ray import runtime, tracking
+    from driver.streams import build_streams, seal_caches
+    from tvkd_ray import tracking
 
     cfg = as_config(config)
-    runtime.set_defaults(runtime.MLFLOW_CLIENT_ENV)  # the driver opens and closes the run too
+    finished = finished_run(cfg)
+    if finished is not None:
+        return finished
     # Cheap checks first: tracking store, tokenizers, every data row; then Ray and the models.
     uri = tracking.tracking_uri(cfg) if cfg.tracking.enabled else None
     if uri:
@@ -97,15 +141,23 @@ def fit(config, train_dataset=None, eval_dataset=None) -> FitResult:
     tokenizer = inputs.check_tokenizers(cfg)
     inputs.check_student(cfg)
     data = inputs.load_data(cfg, tokenizer, train_dataset, eval_dataset)
+    if cfg.run.overwrite:
+        shutil.rmtree(cfg.run_dir, ignore_errors=True)
     started = ensure_ray(cfg)
+    console, log_filter = None, None if runtime.verbose() else WorkerLogFilter().install()
     try:
         check_resources(cfg)
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         paths = inputs.prepare_models(cfg)
-        streams = build_streams(cfg, paths, data)
+        console = Console()
+        num_eval = 0 if data.eval is None else data.eval.num_rows
+        for line in header(cfg, data.train.num_rows, num_eval):
+            console.print(line)
+        console.start()
+        streams = build_streams(cfg, paths, data, console.board)
         run_id = tracking.open_run(cfg, {f"data.{k}": v for k, v in streams.data_report.items()})
         try:
-            spec = launch.trainer_spec(cfg, paths, streams, uri, run_id)
+            spec = launch.trainer_spec(cfg, paths, streams, uri, run_id, console.board)
             result = launch.run_trainers(cfg, spec, streams)
             tracking.close_run(
                 cfg,
@@ -118,12 +170,13 @@ def fit(config, train_dataset=None, eval_dataset=None) -> FitResult:
                 data_report=data.report,
                 decode=tokenizer.decode,
             )
+            seal_caches(streams)
         except BaseException as exc:
             # A stopped run is KILLED (rerun to resume), anything else FAILED.
             status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
             tracking.RunLogger(uri, run_id).set_status(status)
             raise
-        return FitResult(
+        outcome = FitResult(
             metrics=dict(result.metrics or {}),
             model_dir=spec.model_dir,
             checkpoint_dir=result.checkpoint.path if result.checkpoint is not None else None,
@@ -132,6 +185,12 @@ def fit(config, train_dataset=None, eval_dataset=None) -> FitResult:
             tracking_uri=uri,
             data_report=streams.data_report,
         )
+        (cfg.run_dir / RESULT_FILE).write_text(json.dumps(asdict(outcome), indent=1))
+        return outcome
     finally:
+        if console is not None:
+            console.close()
+        if log_filter is not None:
+            log_filter.remove()
         if started:
             ray.shutdown()

@@ -109,9 +109,15 @@ class StreamPlanner:
             max_actors=1,
         )
 
-    def _through(self, ds, role: pools.Role, split: str, num_pairs: int):
-        """``ds`` through ``role``'s pool, each block counted on the progress board."""
+    def _through(self, ds, role: pools.Role, split: str, num_pairs: int, streams: bool = True):
+        """``ds`` through ``role``'s pool, each block counted on the progress board (a stream
+        expects no more training pairs than ``train.max_steps`` needs, when it ends the run
+        first)."""
         stage = f"{role.name} {split}"
+        train = self.cfg.train
+        if streams and split == "train" and train.max_steps is not None:
+            per_step = train.batch_size * train.grad_accum * train.num_workers
+            num_pairs = min(num_pairs, train.max_steps * per_step)
         report(self.board, "expect", stage, num_pairs, "pairs")
         return pools.through_pool(ds, role, self.board, stage)
 
@@ -128,7 +134,7 @@ class StreamPlanner:
             order = np.arange(table.num_rows)
             ds = self._source(table, rows, order)
             for role in group:
-                ds = self._through(ds, role, split, table.num_rows)
+                ds = self._through(ds, role, split, table.num_rows, streams=False)
             if entry is None:  # memory
                 rows = pa.concat_tables(ray.get(ds.to_arrow_refs()))
             else:

@@ -245,3 +245,12 @@ def test_cli_stopped_by_sigterm_resumes_and_matches_uninterrupted(ray_cluster, t
     assert (
         sum(r.info.run_name == "stopped" for r in client.search_runs([run.info.experiment_id])) == 1
     )
+
+    # Once finished, the same command only says so: no cluster, no model or teacher work.
+    started = time.monotonic()
+    third = _cli(args, env)
+    out, _ = third.communicate(timeout=120)
+    assert third.returncode == 0, out[-3000:]
+    assert "already finished" in out and str(run_dir / "model") in out, out[-3000:]
+    assert "[tvkd] run " not in out and time.monotonic() - started < 60
+    assert client.get_run(run_id).data.metrics == run.data.metrics
