@@ -4,9 +4,8 @@ rates and ETAs, whichever node the work runs on."""
 
 from __future__ import annotations
 
-import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import ray
 
@@ -22,7 +21,6 @@ class Stage:
     first_done: int = 0
     started: float | None = None
     detail: str = ""
-    reports: list[tuple[int, str]] = field(default_factory=list)  # (done, detail) not yet shown
 
     def record(self, done: int, now: float) -> None:
         if self.started is None:
@@ -56,14 +54,9 @@ class ProgressBoard:
         stage = self.stages.setdefault(name, Stage(total, "steps"))
         stage.record(done, time.time())
         stage.total, stage.detail = total, detail
-        stage.reports.append((done, detail))
 
     def snapshot(self) -> tuple[float, dict[str, Stage]]:
-        """Every stage as it is now, with the trainers' reports since the last snapshot."""
-        stages = copy.deepcopy(self.stages)
-        for stage in self.stages.values():
-            stage.reports.clear()
-        return time.time(), stages
+        return time.time(), self.stages
 
 
 def report(board, method: str, *args) -> None:

@@ -25,14 +25,15 @@ def duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def stage_line(name: str, stage: Stage, now: float, done: int, detail: str) -> str:
-    """``[tvkd] teacher train   96/247 pairs  3.2 pairs/s  ETA 0:47``: the stage at ``done``."""
+def stage_line(name: str, stage: Stage, now: float) -> str:
+    """``[tvkd] teacher train   96/247 pairs  3.2 pairs/s  ETA 0:47``."""
+    done = stage.done
     counts = f"{done}/{stage.total} {stage.unit}"
     if stage.unit == "steps":
         counts = f"step {done}/{stage.total}"
     parts = [f"{PREFIX} {name:<15} {counts}"]
-    if detail:
-        parts.append(detail)
+    if stage.detail:
+        parts.append(stage.detail)
     rate = stage.rate(now)
     if rate:
         parts.append(f"{rate:.3g} {stage.unit}/s")
@@ -74,8 +75,9 @@ def _cache(cfg: TVKDConfig, cache: str) -> str:
 
 
 class Console:
-    """Polls the progress board from a thread and prints a stage's line when it moves: every
-    trainer report, and a scoring stage at most every ``interval`` seconds (and when done)."""
+    """Polls the progress board from a thread and prints a stage's line when it has moved: at
+    its first report, then at most every ``interval`` seconds, and when it is done (every step's
+    metrics are in MLflow; the console stays short however many steps a run has)."""
 
     def __init__(self, interval: float = 10.0, out=None):
         self.board = ProgressBoard.options(
@@ -113,17 +115,12 @@ class Console:
         except Exception:  # a board that is gone only costs the console its lines
             return
         for name, stage in stages.items():
-            for done, detail in stage.reports:  # the trainers': every one, once
-                self.print(stage_line(name, stage, now, done, detail))
-            if stage.reports:
-                self.printed[name] = (stage.done, now)
-                continue
             last_done, last_time = self.printed.get(name, (0, 0.0))
             if stage.done == last_done:
                 continue
             finished = stage.total and stage.done >= stage.total
             if finished or final or now - last_time >= self.interval:
-                self.print(stage_line(name, stage, now, stage.done, stage.detail))
+                self.print(stage_line(name, stage, now))
                 self.printed[name] = (stage.done, now)
 
 

@@ -11,7 +11,7 @@ from driver.console import Console, WorkerLogFilter, duration
 
 def test_stage_lines_show_counts_rate_eta_and_each_step_once(ray_cluster):
     out = io.StringIO()
-    console = Console(interval=0.0, out=out)
+    console = Console(interval=3600.0, out=out)  # one line per stage until it is done
     board = console.board
     report(board, "expect", "teacher train", 24, "pairs")
     report(board, "add", "teacher train", 8)
@@ -21,17 +21,19 @@ def test_stage_lines_show_counts_rate_eta_and_each_step_once(ray_cluster):
         report(board, "set", "train", step, 10, f"loss {1 / step:.3f}")
         time.sleep(0.2)
     console._poll(final=False)
+    console._poll(final=False)  # nothing moved: nothing printed twice
     lines = out.getvalue().splitlines()
-    (teacher,) = [line for line in lines if "teacher train" in line]
-    assert "16/24 pairs" in teacher and "pairs/s" in teacher and "ETA " in teacher
-    steps = [line for line in lines if line.startswith("[tvkd] train ")]
-    assert [line.split()[3] for line in steps] == ["1/10", "2/10", "3/10"]
-    assert "loss 0.333" in steps[-1] and "ETA " in steps[-1]
+    teacher, train = lines
+    assert "teacher train   16/24 pairs" in teacher and "pairs/s  ETA " in teacher
+    assert "train           step 3/10  loss 0.333" in train and "steps/s  ETA " in train
 
     report(board, "add", "teacher train", 8)
-    console.close()  # the last poll: the finished stage, and no step line again
+    report(board, "set", "train", 4, 10, "loss 0.250")
+    console._poll(final=False)  # done is shown at once, a step only after the interval
+    console.close()  # the last poll shows where every moved stage ended
     rest = out.getvalue().splitlines()[len(lines) :]
-    assert len(rest) == 1 and "24/24 pairs" in rest[0] and "done in" in rest[0]
+    assert "24/24 pairs" in rest[0] and "done in" in rest[0]
+    assert len(rest) == 2 and "step 4/10  loss 0.250" in rest[1]
 
 
 def test_duration_reads_like_a_clock():
