@@ -95,7 +95,6 @@ def ensure_ray(cfg: TVKDConfig) -> bool:
         # Ray turns token authentication on for a new local cluster (unless RAY_AUTH_MODE says
         # otherwise) and says so at every start; the header tells where the run goes instead.
         logging.getLogger(AUTH_NOTICE_LOGGER).addFilter(_drop_auth_notice)
-        logging.getLogger("ray").setLevel(logging.WARNING)  # "Started a local Ray instance"
     # Logical CPUs are over-committed on purpose: the pools' processes share the cores, and an
     # exact count would leave an actor pool waiting on a small machine (SPEC §9). Twice the
     # demand lets the eval stream start while the train stream's pools are still winding down.
@@ -105,6 +104,7 @@ def ensure_ray(cfg: TVKDConfig) -> bool:
         num_cpus=max(os.cpu_count() or 1, 2 * math.ceil(needed) + 1),
         include_dashboard=False,
         runtime_env={"env_vars": runtime.cluster_env_vars()},
+        logging_level=logging.INFO if runtime.verbose() else logging.WARNING,
     )
     return True
 
@@ -124,10 +124,9 @@ def fit(config, train_dataset=None, eval_dataset=None) -> FitResult:
     runtime.set_defaults(runtime.MLFLOW_CLIENT_ENV)  # the driver opens and closes the run too
     import ray
 
-    from driver import inputs, launch
-    from driver.console import Console, WorkerLogFilter, header
+    from driver import inputs
+    from driver.console import WorkerLogFilter
     from driver.pools import check_resources
-    from driver.streams import build_streams, seal_caches
     from tvkd_ray import tracking
 
     cfg = as_config(config)
@@ -144,12 +143,29 @@ def fit(config, train_dataset=None, eval_dataset=None) -> FitResult:
     if cfg.run.overwrite:
         shutil.rmtree(cfg.run_dir, ignore_errors=True)
     started = ensure_ray(cfg)
-    console, log_filter = None, None if runtime.verbose() else WorkerLogFilter().install()
+    log_filter = None if runtime.verbose() else WorkerLogFilter().install()
     try:
         check_resources(cfg)
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        paths = inputs.prepare_models(cfg)
-        console = Console()
+        return _train(cfg, data, tokenizer, uri)
+    finally:
+        if log_filter is not None:
+            log_filter.remove()
+        if started:
+            ray.shutdown()
+
+
+def _train(cfg: TVKDConfig, data, tokenizer, uri: str | None) -> FitResult:
+    """The run on a cluster that holds it: models, pools and their streams, the Ray Train run,
+    its MLflow run; its console for as long as it runs."""
+    from driver import inputs, launch
+    from driver.console import Console, header
+    from driver.streams import build_streams, seal_caches
+    from tvkd_ray import tracking
+
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    paths = inputs.prepare_models(cfg)
+    console = Console()
+    try:
         num_eval = 0 if data.eval is None else data.eval.num_rows
         for line in header(cfg, data.train.num_rows, num_eval):
             console.print(line)
@@ -176,21 +192,16 @@ def fit(config, train_dataset=None, eval_dataset=None) -> FitResult:
             status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
             tracking.RunLogger(uri, run_id).set_status(status)
             raise
-        outcome = FitResult(
-            metrics=dict(result.metrics or {}),
-            model_dir=spec.model_dir,
-            checkpoint_dir=result.checkpoint.path if result.checkpoint is not None else None,
-            run_dir=str(cfg.run_dir),
-            mlflow_run_id=run_id,
-            tracking_uri=uri,
-            data_report=streams.data_report,
-        )
-        (cfg.run_dir / RESULT_FILE).write_text(json.dumps(asdict(outcome), indent=1))
-        return outcome
     finally:
-        if console is not None:
-            console.close()
-        if log_filter is not None:
-            log_filter.remove()
-        if started:
-            ray.shutdown()
+        console.close()
+    outcome = FitResult(
+        metrics=dict(result.metrics or {}),
+        model_dir=spec.model_dir,
+        checkpoint_dir=result.checkpoint.path if result.checkpoint is not None else None,
+        run_dir=str(cfg.run_dir),
+        mlflow_run_id=run_id,
+        tracking_uri=uri,
+        data_report=streams.data_report,
+    )
+    (cfg.run_dir / RESULT_FILE).write_text(json.dumps(asdict(outcome), indent=1))
+    return outcome
