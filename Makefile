@@ -34,6 +34,13 @@ bench: install
 	$(PY) -m pip install -q -c requirements.lock "torch==2.13.0" -e ".[bench]"
 	$(PY) jobs/bench.py --quick
 
+.PHONY: ui-snapshot
+# The MLflow UI of a tiny run, as a browser shows it: docs/mlflow_run_{page,artifacts}.png. Debian's
+# chromium package (root and the apt mirror) is installed when missing. RUN_DIR= a finished run.
+ui-snapshot: install
+	command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; }
+	$(PY) jobs/ui_snapshot.py $(if $(RUN_DIR),--run-dir $(RUN_DIR))
+
 examples: install
 	# Every example as a real subprocess in its smallest setting (the `examples` marker, README).
 	$(VENV)/bin/pytest -m examples
