@@ -355,7 +355,10 @@ def log_student(client, run_id: str, model_dir: str, step: int) -> None:
                 ),
                 # Given, so MLflow does not fetch a card from the hub; pinned requirements, so
                 # it does not load the model again in a subprocess to infer them.
-                model_card=huggingface_hub.ModelCard(f"TVKD student, MLflow run {run_id}."),
+                # (with a metadata block: a card without one makes huggingface_hub warn)
+                model_card=huggingface_hub.ModelCard(
+                    f"---\nlibrary_name: transformers\n---\nTVKD student, MLflow run {run_id}."
+                ),
                 pip_requirements=[
                     f"transformers=={transformers.__version__}",
                     f"torch=={torch.__version__.split('+')[0]}",
