@@ -79,7 +79,7 @@ class Console:
     its first report, then at most every ``interval`` seconds, and when it is done (every step's
     metrics are in MLflow; the console stays short however many steps a run has)."""
 
-    def __init__(self, interval: float = 10.0, out=None):
+    def __init__(self, interval: float = 30.0, out=None):
         self.board = ProgressBoard.options(
             label_selector={NODE_ID_LABEL: ray.get_runtime_context().get_node_id()}
         ).remote()
