@@ -119,6 +119,10 @@ def fit(config, train_dataset=None, eval_dataset=None) -> FitResult:
     """
     from tvkd_ray import runtime
 
+    cfg = as_config(config)
+    finished = finished_run(cfg)
+    if finished is not None:
+        return finished
     # Before the libraries load: they read these once, at import.
     runtime.set_defaults(runtime.QUIET_ENV)
     runtime.set_defaults(runtime.MLFLOW_CLIENT_ENV)  # the driver opens and closes the run too
@@ -128,11 +132,6 @@ def fit(config, train_dataset=None, eval_dataset=None) -> FitResult:
     from driver.console import WorkerLogFilter
     from driver.pools import check_resources
     from tvkd_ray import tracking
-
-    cfg = as_config(config)
-    finished = finished_run(cfg)
-    if finished is not None:
-        return finished
     # Cheap checks first: tracking store, tokenizers, every data row; then Ray and the models.
     uri = tracking.tracking_uri(cfg) if cfg.tracking.enabled else None
     if uri:
