@@ -71,8 +71,8 @@ HEAD_READY := import socket, urllib.request; \
 cluster: install
 	@! test -s $(CLUSTER_DIR)/head.pid || { echo "a head is running here: make cluster-stop"; exit 1; }
 	mkdir -p $(CLUSTER_DIR)
-	$(NO_AUTH) RAY_USAGE_STATS_ENABLED=0 setsid $(VENV)/bin/ray start --head --block \
-	    --dashboard-host 127.0.0.1 --dashboard-port $(CLUSTER_PORT) \
+	$(NO_AUTH) RAY_USAGE_STATS_ENABLED=0 setsid $(VENV)/bin/ray start --head --dashboard-host 127.0.0.1 \
+	    --block --dashboard-port $(CLUSTER_PORT) \
 	    --dashboard-agent-listen-port $(CLUSTER_AGENT_PORT) --num-cpus $(CLUSTER_CPUS) \
 	    $(CLUSTER_FLAGS) > $(CLUSTER_DIR)/head.log 2>&1 & \
 	    echo $$! > $(CLUSTER_DIR)/head.pid
