@@ -96,7 +96,8 @@ class FrozenModel:
         if spec.idle_priority and self.device == "cpu" and hasattr(os, "SCHED_IDLE"):
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         self.model = self.load(spec.model)
-        self.pad_id = load_tokenizer(spec.model).pad_token_id
+        self.tokenizer = load_tokenizer(spec.model)
+        self.pad_id = self.tokenizer.pad_token_id
         self.batches = 0
 
     def __call__(self, table: pa.Table) -> pa.Table:

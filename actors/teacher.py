@@ -17,7 +17,7 @@ import pyarrow as pa
 import torch
 
 from actors.inference import FrozenModel, FrozenModelSpec, split_rows, with_timing
-from tvkd_ray import schema
+from tvkd_ray import alignment, schema
 from tvkd_ray.potentials import (
     implicit_reward_potentials,
     soft_value_from_hidden,
@@ -59,8 +59,23 @@ class TeacherPotentials(FrozenModel):
     def annotate(self, table: pa.Table) -> pa.Table:
         started = time.perf_counter()
         with self.precision():
-            out = self._scored(table)
+            if schema.CHOSEN_STATE_CHARS in table.column_names:
+                out = self._mapped(table)
+            else:
+                out = self._scored(table)
         return with_timing(out, schema.TEACHER_S, started)
+
+    def _mapped(self, table: pa.Table) -> pa.Table:
+        """A student with another tokenizer (SPEC §2.3c): score the text the student kept with
+        the teacher's own tokens, then take each student state's potential from the teacher's
+        states; the text and the positions stay here."""
+        own, teacher_chars = alignment.teacher_tokens(table, self.tokenizer)
+        scored = self._scored(own)
+        out = table.drop_columns(schema.ALIGNMENT.names)
+        for (_, chars), column in zip(alignment.SIDES, schema.POTENTIALS):
+            phi = alignment.map_potentials(scored[column], teacher_chars[chars], table[chars])
+            out = out.append_column(column, phi)
+        return out
 
     def _scored(self, table: pa.Table) -> pa.Table:
         batch, hidden, head = self.score(table)

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 
+from driver.inputs import ModelPaths
 from driver.pools import Role
 from tvkd_ray import schema
 from tvkd_ray.config import TVKDConfig
@@ -50,9 +51,9 @@ def model_id(path: str | None) -> str:
     return h.hexdigest()[:16]
 
 
-def fingerprint(cfg: TVKDConfig, tokenizer: str, table: pa.Table, scored: list[Role]) -> dict:
+def fingerprint(cfg: TVKDConfig, paths: ModelPaths, table: pa.Table, scored: list[Role]) -> dict:
     """What the scored columns depend on, each part hashed on its own so that a miss can say
-    which part changed: the pairs, the tokenizer and lengths, and each role's spec."""
+    which part changed: the pairs, the tokenizers and lengths, and each role's spec."""
     # By the set of pairs, not their order: run.seed reshuffles the same pairs, and seeds of one
     # experiment must share the teacher's work.
     sink = pa.BufferOutputStream()
@@ -60,9 +61,11 @@ def fingerprint(cfg: TVKDConfig, tokenizer: str, table: pa.Table, scored: list[R
         writer.write_table(table.sort_by(schema.PAIR_ID))
     parts = {
         "data": hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()[:16],
-        "tokenizer": model_id(tokenizer),
+        "tokenizer": model_id(paths.tokenizer),
         "lengths": f"{cfg.data.max_length}/{cfg.data.max_prompt_length}",
     }
+    if paths.cross_tokenizer:  # the teacher's own tokenizer shapes the rows of every pool
+        parts["teacher_tokenizer"] = model_id(paths.teacher)
     for role in scored:
         fields = role.spec.output_fields()
         fields.update({k: model_id(fields[k]) for k in role.spec.MODELS})

@@ -44,8 +44,11 @@ def stage_line(name: str, stage: Stage, now: float) -> str:
     return "  ".join(parts)
 
 
-def header(cfg: TVKDConfig, num_train: int, num_eval: int) -> list[str]:
-    """What runs where: the pools and the trainers, their devices and caches, and the data."""
+def header(
+    cfg: TVKDConfig, num_train: int, num_eval: int, cross_tokenizer: bool = False
+) -> list[str]:
+    """What runs where: the pools and the trainers, their devices and caches, and the data (and
+    that the teacher's potentials are mapped, when it has its own tokenizer)."""
     lines = [f"{PREFIX} run {cfg.run.name} (stage {cfg.run.stage}) in {cfg.run_dir}"]
     for name, pool in cfg.pools().items():
         model = getattr(pool, "model", None) or "the student's initial weights"
@@ -61,6 +64,11 @@ def header(cfg: TVKDConfig, num_train: int, num_eval: int) -> list[str]:
         f"{PREFIX} student   {cfg.student.model} ({lora}): {train.num_workers} Ray Train "
         f"worker(s) of {train.num_cpus_per_worker:g} CPU{gpus}, {train.strategy}"
     )
+    if cross_tokenizer:
+        lines.append(
+            f"{PREFIX} tokenizer the teacher's differs from the student's: its potentials are "
+            "mapped to the student's tokens by character offsets (docs/ARCHITECTURE.md)"
+        )
     lines.append(
         f"{PREFIX} data      {num_train} train pairs, {num_eval} eval pairs; "
         f"{train.epochs} epoch(s)"

@@ -132,6 +132,7 @@ def fit(config, train_dataset=None, eval_dataset=None) -> FitResult:
     from driver.console import WorkerLogFilter
     from driver.pools import check_resources
     from tvkd_ray import tracking
+
     # Cheap checks first: tracking store, tokenizers, every data row; then Ray and the models.
     uri = tracking.tracking_uri(cfg) if cfg.tracking.enabled else None
     if uri:
@@ -166,11 +167,13 @@ def _train(cfg: TVKDConfig, data, tokenizer, uri: str | None) -> FitResult:
     console = Console()
     try:
         num_eval = 0 if data.eval is None else data.eval.num_rows
-        for line in header(cfg, data.train.num_rows, num_eval):
+        for line in header(cfg, data.train.num_rows, num_eval, paths.cross_tokenizer):
             console.print(line)
         console.start()
         streams = build_streams(cfg, paths, data, console.board)
-        run_id = tracking.open_run(cfg, {f"data.{k}": v for k, v in streams.data_report.items()})
+        params = {f"data.{k}": v for k, v in streams.data_report.items()}
+        tags = {tracking.TOKENIZER_MAPPING_TAG: "char_offsets"} if paths.cross_tokenizer else {}
+        run_id = tracking.open_run(cfg, params, tags)
         try:
             spec = launch.trainer_spec(cfg, paths, streams, uri, run_id, console.board)
             result = launch.run_trainers(cfg, spec, streams)

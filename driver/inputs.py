@@ -17,9 +17,11 @@ from tvkd_ray.models import (
     build_student,
     check_device_map,
     check_lora_targets,
+    check_offsets,
     check_tokenizers_compatible,
     load_tokenizer,
     resolve_model,
+    tokenizer_difference,
 )
 
 
@@ -32,6 +34,8 @@ class ModelPaths:
     tokenizer: str
     teacher: str | None = None
     teacher_ref: str | None = None
+    # The teacher has its own tokenizer: its potentials are mapped to the student's tokens.
+    cross_tokenizer: bool = False
 
 
 @dataclass
@@ -44,23 +48,39 @@ class PairData:
 
 
 def check_tokenizers(cfg: TVKDConfig):
-    """Load the student's tokenizer and check every other model's matches it (SPEC §4), before
-    any model work; returns the student's tokenizer."""
+    """Load the student's tokenizer and check the others against it (SPEC §4), before any model
+    work: the reference shares it; a teacher with its own tokenizer is mapped (SPEC §2.3c), which
+    needs offsets from both and no top-k KD; the teacher's ref_model shares the teacher's.
+    Returns the student's tokenizer."""
     student_name = cfg.student.tokenizer or cfg.student.model
     student_tok = load_tokenizer(student_name)
-    others = {"reference": cfg.reference.model}
-    if cfg.uses_teacher:
-        others["teacher"] = cfg.teacher.model
-        if cfg.loss.potential == "implicit_reward":
-            others["teacher.ref_model"] = cfg.teacher.ref_model
-    for role, name in others.items():
-        if name is not None:
-            check_tokenizers_compatible(
-                load_tokenizer(name),
-                student_tok,
-                f"{role} tokenizer '{name}'",
-                f"student tokenizer '{student_name}'",
+    student = f"student tokenizer '{student_name}'"
+    if cfg.reference.model is not None:
+        name = cfg.reference.model
+        check_tokenizers_compatible(
+            load_tokenizer(name), student_tok, f"reference tokenizer '{name}'", student
+        )
+    if not cfg.uses_teacher:
+        return student_tok
+    teacher_tok, teacher = (
+        load_tokenizer(cfg.teacher.model),
+        f"teacher tokenizer '{cfg.teacher.model}'",
+    )
+    if cfg.loss.potential == "implicit_reward":
+        name = cfg.teacher.ref_model
+        check_tokenizers_compatible(
+            load_tokenizer(name), teacher_tok, f"teacher.ref_model tokenizer '{name}'", teacher
+        )
+    difference = tokenizer_difference(teacher_tok, student_tok)
+    if difference is not None:
+        if cfg.loss.kd_weight > 0:
+            raise ConfigError(
+                f"loss.kd_weight: top-k KD needs one vocabulary, but {teacher} and {student} "
+                f"differ in {difference}; set loss.kd_weight: 0, or use a teacher with the "
+                "student's tokenizer"
             )
+        check_offsets(teacher_tok, teacher, student)
+        check_offsets(student_tok, student, teacher)
     return student_tok
 
 
@@ -86,6 +106,8 @@ def prepare_models(cfg: TVKDConfig) -> ModelPaths:
     )
     if cfg.uses_teacher:
         paths.teacher = resolve_model(cfg.teacher.model)
+        own = tokenizer_difference(load_tokenizer(paths.teacher), load_tokenizer(paths.tokenizer))
+        paths.cross_tokenizer = own is not None
         if cfg.loss.potential == "implicit_reward":
             paths.teacher_ref = resolve_model(cfg.teacher.ref_model)
     _check_device_maps(cfg, paths)
@@ -107,6 +129,8 @@ def load_data(cfg: TVKDConfig, tokenizer, train_dataset=None, eval_dataset=None)
     if train_source is None:
         raise ConfigError("data.train_path: no training data (set it or pass train_dataset)")
     train, report = _source_table(cfg, train_source, tokenizer)
+    if report["format"] == "conversational" and cfg.uses_teacher:
+        _check_rendering(cfg, tokenizer, report["source"])
     eval_table = None
     eval_source = eval_dataset if eval_dataset is not None else cfg.data.eval_path
     if eval_source is not None:
@@ -128,6 +152,35 @@ def _source_table(cfg: TVKDConfig, source, tokenizer) -> tuple[pa.Table, dict[st
     report = {"source": loaded.source, "format": loaded.format, "pairs": loaded.table.num_rows}
     report.update({f"skipped/{reason}": n for reason, n in loaded.skipped.items()})
     return loaded.table, report
+
+
+# A conversation both chat templates must render alike for a teacher with its own tokenizer.
+PROBE_CONVERSATION = [
+    {"role": "user", "content": "How many legs does a cat have?"},
+    {"role": "assistant", "content": "Four."},
+]
+
+
+def _check_rendering(cfg: TVKDConfig, student_tok, source: str) -> None:
+    """Conversational rows are rendered by the student's chat template, and a teacher with its
+    own tokenizer scores that same text (SPEC §2.3c): its own template must render it alike."""
+    teacher_tok = load_tokenizer(cfg.teacher.model)
+    if tokenizer_difference(teacher_tok, student_tok) is None:
+        return
+
+    def render(tokenizer) -> str | None:
+        if tokenizer.chat_template is None:
+            return None
+        return tokenizer.apply_chat_template(PROBE_CONVERSATION, tokenize=False)
+
+    if render(teacher_tok) != render(student_tok):
+        student_name = cfg.student.tokenizer or cfg.student.model
+        raise DataError(
+            f"{source}: conversational rows are rendered with one chat template for both models, "
+            f"but teacher tokenizer '{cfg.teacher.model}' and student tokenizer "
+            f"'{student_name}' render them differently; use prompt/chosen/rejected text rows "
+            "(data.format: standard), or tokenizers with the same chat template"
+        )
 
 
 def _check_same_format(train_report: dict, eval_report: dict) -> None:

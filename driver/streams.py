@@ -107,6 +107,7 @@ class StreamPlanner:
             batch_size=self.per_block,
             num_cpus=pools.TOKENIZE_CPUS,
             max_actors=1,
+            align=self.paths.cross_tokenizer,
         )
 
     def _through(self, ds, role: pools.Role, split: str, num_pairs: int, streams: bool = True):
@@ -204,7 +205,7 @@ class StreamPlanner:
             scored += group
             entry = None
             if cache not in ("none", "memory"):
-                parts = fingerprint(cfg, self.paths.tokenizer, table, scored)
+                parts = fingerprint(cfg, self.paths, table, scored)
                 entry = ScoreCache(auto_root if cache == AUTO else Path(cache), split, parts)
             stages.append((cache, group, entry))
         return stages

@@ -1,7 +1,7 @@
 """Benchmarks of SPEC §7, each ratio measured side by side in one run on one machine.
 
     .venv/bin/python jobs/bench.py [--quick] [--out-dir bench-results]
-        [--suites pipeline,teacher,payload,trl,scaling,students]
+        [--suites pipeline,teacher,payload,trl,scaling,students,tokenizers]
 
 Suites (all use config-built Llama models with the SmolLM2 tokenizer's 49,152-token vocabulary:
 teacher 8 layers x 256, student 4 layers x 256; the bundled dataset; fp32 on CPU), one module
@@ -21,6 +21,9 @@ each in ``jobs/benchmarks/``:
 * ``students``: seconds per optimiser step, in this process, of full fine-tuning and LoRA, each
   with and without gradient checkpointing, and of LoRA with the reference scored in the trainer
   (adapters off) instead of by the reference actors.
+* ``tokenizers``: the teacher actor's seconds per batch with a student of its own tokenizer and
+  with the tiny preset's (potentials mapped by character offsets), alternated batch by batch, and
+  the mapped payload per student response token.
 
 Tokens are counted as the trainer counts them: non-pad tokens of the 2B-row (chosen + rejected)
 batches. Steady state drops the first steps (start-up, lazy allocations) and takes medians of
@@ -60,7 +63,7 @@ runtime.set_defaults({**runtime.PRIVATE_CLUSTER_ENV, "TQDM_DISABLE": "1"})
 if any(os.environ.get(key) != value for key, value in runtime.ALLOCATOR_ENV.items()):
     os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **runtime.ALLOCATOR_ENV})
 
-from benchmarks import payload, pipeline, scaling, students, teacher, trl  # noqa: E402
+from benchmarks import payload, pipeline, scaling, students, teacher, tokenizers, trl  # noqa: E402
 from benchmarks.common import BUSY_LOAD, FULL, QUICK, Bench  # noqa: E402
 from benchmarks.report import machine  # noqa: E402
 
@@ -71,6 +74,7 @@ SUITE_FUNCTIONS = {
     "trl": trl.run,
     "scaling": scaling.run,
     "students": students.run,
+    "tokenizers": tokenizers.run,
 }
 SUITES = tuple(SUITE_FUNCTIONS)
 

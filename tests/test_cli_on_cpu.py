@@ -89,7 +89,13 @@ def _catalogue(tmp: Path) -> list[tuple[list[str], str]]:
         (["--teacher.resources", "{scorer: 1}"], "0 of resource 'scorer' but the run needs 1"),
         (["--config", str(tmp / "nope.yaml")], "cannot read config file"),
         (["--student.model", str(tmp / "no-such-model")], "no-such-model"),
-        (["--teacher.model", "smollm2-135m-instruct"], "differ"),  # tokenizer mismatch
+        # A teacher with its own tokenizer is mapped (SPEC §2.3c), but top-k KD cannot be.
+        (
+            ["--teacher.model", "smollm2-135m-instruct", "--loss.kd_weight", "0.1"],
+            "loss.kd_weight: top-k KD needs one vocabulary, but teacher tokenizer "
+            "'smollm2-135m-instruct' and student tokenizer 'tiny-student' differ",
+        ),
+        (["--reference.model", "smollm2-135m-instruct"], "must share one tokenizer"),
         (["--data.train_path", str(tmp / "missing.jsonl")], "missing.jsonl"),
         (
             [

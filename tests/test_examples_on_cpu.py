@@ -66,3 +66,26 @@ def test_stage_configs_run_in_order(tmp_path):
     outputs = home / "tvkd-ray-outputs"
     for name in ("teacher-dpo", "student-sft", "student-tvkd"):
         assert (outputs / name / "model" / "model.safetensors").exists(), name
+
+
+def test_cross_tokenizer_config_trains(tmp_path):
+    """The SmolLM2 teacher with the tiny student's own tokenizer (SPEC §2.3c), as documented."""
+    import mlflow
+
+    proc = run(
+        [
+            "jobs/tvkd.py",
+            "--config",
+            "examples/cross_tokenizer.yaml",
+            "--run.output_dir",
+            str(tmp_path),
+            "--train.max_steps",
+            "2",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "its potentials are mapped to the student's tokens" in proc.stdout
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run_info,) = client.search_runs([client.get_experiment_by_name("tvkd-ray").experiment_id])
+    assert run_info.data.tags["tvkd.tokenizer_mapping"] == "char_offsets"
+    assert run_info.data.metrics["tvkd/potential_mean"] != 0.0

@@ -116,7 +116,11 @@ class StudentConfig:
         "Base model: a preset name (smollm2-135m-instruct, tiny-teacher, tiny-student), a local "
         "directory, or a hub id when online. The student is built from it (see num_layers, init).",
     )
-    tokenizer: str | None = _field(None, "Tokenizer; null means the student model's own.")
+    tokenizer: str | None = _field(
+        None,
+        "Tokenizer; null means the student model's own. A teacher with another tokenizer has its "
+        "potentials mapped to the student's tokens by character offsets (docs/ARCHITECTURE.md).",
+    )
     num_layers: int | None = _field(
         6,
         "Keep only the first num_layers decoder layers of student.model (null keeps all); the "
@@ -356,7 +360,9 @@ class LossConfig:
     label_smoothing: float = _field(0.0, "Label smoothing epsilon of the preference loss.")
     bc_weight: float = _field(0.0, "Weight of behaviour cloning (NLL of chosen responses).")
     kd_weight: float = _field(
-        0.0, "Weight of token-level KL(teacher || student) over the teacher's top-k on chosen."
+        0.0,
+        "Weight of token-level KL(teacher || student) over the teacher's top-k on chosen; needs "
+        "the teacher and the student to share one tokenizer.",
     )
 
     def __post_init__(self) -> None:

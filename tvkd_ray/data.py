@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import ray.data
 import torch
 
-from tvkd_ray import schema
+from tvkd_ray import alignment, schema
 from tvkd_ray.errors import DataError
 from tvkd_ray.loss import Sides
 from tvkd_ray.models import load_tokenizer
@@ -392,9 +392,10 @@ def _truncate_right(ids: list[int], budget: int) -> tuple[list[int], bool]:
 
 
 def tokenize_batch(
-    table: pa.Table, tokenizer: Any, *, max_length: int, max_prompt_length: int
+    table: pa.Table, tokenizer: Any, *, max_length: int, max_prompt_length: int, align: bool = False
 ) -> pa.Table:
-    """Tokenise normalised pairs into ``schema.TOKENIZED``.
+    """Tokenise normalised pairs into ``schema.TOKENIZED`` (plus ``schema.ALIGNMENT`` when
+    ``align``: for a teacher with its own tokenizer, SPEC §2.3c).
 
     Each text column is encoded in one batched call without special tokens; EOS is appended to
     responses. Prompts longer than ``max_prompt_length`` keep their last tokens; responses are cut
@@ -405,17 +406,21 @@ def tokenize_batch(
         raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length")
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token to end responses with")
+    out_schema = pa.schema([*schema.TOKENIZED, *(schema.ALIGNMENT if align else [])])
     if table.num_rows == 0:
-        return schema.TOKENIZED.empty_table()
-
-    def encode(column: str) -> list[list[int]]:
-        texts = table.column(column).to_pylist()
-        return tokenizer(texts, add_special_tokens=False)["input_ids"]
-
+        return out_schema.empty_table()
+    encodings = {
+        name: tokenizer(
+            table.column(name).to_pylist(), add_special_tokens=False, return_offsets_mapping=align
+        )
+        for name in (schema.PROMPT, schema.CHOSEN, schema.REJECTED)
+    }
     eos = [tokenizer.eos_token_id]
     columns: dict[str, list] = {name: [] for name in schema.TOKENIZED.names}
     columns[schema.PAIR_ID] = table.column(schema.PAIR_ID)
-    texts = (encode(schema.PROMPT), encode(schema.CHOSEN), encode(schema.REJECTED))
+    texts = (
+        encodings[name]["input_ids"] for name in (schema.PROMPT, schema.CHOSEN, schema.REJECTED)
+    )
     for prompt, chosen, rejected in zip(*texts):
         prompt_cut = len(prompt) > max_prompt_length
         prompt = prompt[-max_prompt_length:] if prompt_cut else prompt
@@ -427,18 +432,26 @@ def tokenize_batch(
         columns[schema.REJECTED_IDS].append(rejected)
         columns[schema.PROMPT_TRUNCATED].append(prompt_cut)
         columns[schema.RESPONSE_TRUNCATED].append(chosen_cut or rejected_cut)
-    return pa.table(columns, schema=schema.TOKENIZED)
+    if align:
+        kept = dict(
+            zip(
+                (schema.PROMPT, schema.CHOSEN, schema.REJECTED),
+                ([len(ids) for ids in columns[name]] for name in schema.TOKEN_IDS),
+            )
+        )
+        columns.update(alignment.student_columns(table, encodings, kept))
+    return pa.table(columns, schema=out_schema)
 
 
 class _TokenizeBatches:
     """Ray Data callable class: loads the tokenizer once per actor, then tokenises batches."""
 
-    def __init__(self, tokenizer_path: str, max_length: int, max_prompt_length: int) -> None:
+    def __init__(self, tokenizer_path: str, **options) -> None:
         self._tokenizer = load_tokenizer(tokenizer_path)
-        self._lengths = {"max_length": max_length, "max_prompt_length": max_prompt_length}
+        self._options = options  # tokenize_batch's keywords
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return tokenize_batch(batch, self._tokenizer, **self._lengths)
+        return tokenize_batch(batch, self._tokenizer, **self._options)
 
 
 def tokenize_dataset(
@@ -450,12 +463,14 @@ def tokenize_dataset(
     batch_size: int = 512,
     num_cpus: float = 1.0,
     max_actors: int | None = None,
+    align: bool = False,
 ) -> ray.data.Dataset:
     """Tokenise a Ray Dataset of normalised pairs with an autoscaling actor pool.
 
     ``tokenizer_path`` is anything ``tvkd_ray.models.load_tokenizer`` accepts (a preset or a
     directory). Each actor reserves ``num_cpus`` (fractional values share cores with other
     stages); the pool grows with the cluster up to ``max_actors`` (unbounded when None).
+    ``align`` adds the columns a teacher with its own tokenizer reads (``tokenize_batch``).
     """
     return ds.map_batches(
         _TokenizeBatches,
@@ -463,6 +478,7 @@ def tokenize_dataset(
             "tokenizer_path": tokenizer_path,
             "max_length": max_length,
             "max_prompt_length": max_prompt_length,
+            "align": align,
         },
         batch_size=batch_size,
         batch_format="pyarrow",

@@ -525,6 +525,24 @@ def build_student(
     return str(target)
 
 
+def tokenizer_difference(
+    tok_a: PreTrainedTokenizerBase, tok_b: PreTrainedTokenizerBase
+) -> str | None:
+    """How two tokenizers differ (vocabulary size, or where they first encode the probe
+    differently), or None when they tokenise alike."""
+    ids_a = tok_a(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    ids_b = tok_b(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    if len(tok_a) != len(tok_b):
+        return "vocabulary size"
+    if ids_a != ids_b:
+        position = next(
+            (i for i, (a, b) in enumerate(zip(ids_a, ids_b, strict=False)) if a != b),
+            min(len(ids_a), len(ids_b)),
+        )
+        return f"the probe encoding (first at token {position})"
+    return None
+
+
 def check_tokenizers_compatible(
     tok_a: PreTrainedTokenizerBase, tok_b: PreTrainedTokenizerBase, name_a: str, name_b: str
 ) -> None:
@@ -532,20 +550,27 @@ def check_tokenizers_compatible(
 
     ``name_a``/``name_b`` are used verbatim in the message, e.g. ``"teacher tokenizer 'x'"``.
     """
-    size_a, size_b = len(tok_a), len(tok_b)
-    ids_a = tok_a(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
-    ids_b = tok_b(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
-    if size_a != size_b:
-        difference = "vocabulary size"
-    elif ids_a != ids_b:
-        position = next(
-            (i for i, (a, b) in enumerate(zip(ids_a, ids_b, strict=False)) if a != b),
-            min(len(ids_a), len(ids_b)),
+    difference = tokenizer_difference(tok_a, tok_b)
+    if difference is not None:
+        raise ModelError(
+            f"{name_a} (vocab {len(tok_a)}) and {name_b} (vocab {len(tok_b)}) differ in "
+            f"{difference}; the two must share one tokenizer"
         )
-        difference = f"the probe encoding (first at token {position})"
+
+
+def check_offsets(tokenizer: PreTrainedTokenizerBase, name: str, other: str) -> None:
+    """Raise ModelError unless ``tokenizer`` gives character offsets that cover the probe in
+    order: mapping potentials between two tokenizers (SPEC §2.3c) needs them."""
+    problem = None
+    if not tokenizer.is_fast:
+        problem = "is not a fast tokenizer, so it gives no character offsets"
     else:
-        return
-    raise ModelError(
-        f"{name_a} (vocab {size_a}) and {name_b} (vocab {size_b}) differ in "
-        f"{difference}; teacher and student must share one tokenizer"
-    )
+        offsets = tokenizer(TOKENIZER_PROBE, add_special_tokens=False, return_offsets_mapping=True)
+        ends = [end for _, end in offsets["offset_mapping"]]
+        if not ends or ends[-1] != len(TOKENIZER_PROBE) or ends != sorted(ends):
+            problem = "gives character offsets that do not cover the text in order"
+    if problem:
+        raise ModelError(
+            f"{name} and {other} differ, so the teacher's potentials must be mapped by "
+            f"character offsets, but {name} {problem}; use a fast tokenizer"
+        )

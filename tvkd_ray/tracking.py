@@ -32,6 +32,8 @@ RUN_ID_FILE = "mlflow_run_id"
 # training) mode rather than the GenAI one; the value is the one its own kind selector writes.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 MODEL_NAME = "student"  # the logged model's name (Logged models, Register model)
+# Set when a teacher with its own tokenizer has its potentials mapped (SPEC §2.3c).
+TOKENIZER_MAPPING_TAG = "tvkd.tokenizer_mapping"
 # Rows whose texts the dataset digest covers (MLflow's pandas digest also samples, 10k rows).
 DIGEST_ROWS = 10_000
 
@@ -74,7 +76,11 @@ def check_reachable(uri: str) -> None:
         ) from None
 
 
-def open_run(config: TVKDConfig, extra_params: dict[str, Any] | None = None) -> str | None:
+def open_run(
+    config: TVKDConfig,
+    extra_params: dict[str, Any] | None = None,
+    extra_tags: dict[str, str] | None = None,
+) -> str | None:
     """Create the run, or reopen the one this run directory already has; return its id."""
     if not config.tracking.enabled:
         return None
@@ -111,7 +117,9 @@ def open_run(config: TVKDConfig, extra_params: dict[str, Any] | None = None) -> 
     # resolve_tags adds what the UI's Source and User columns show (the entry point, the git
     # commit when there is one), as mlflow.start_run would.
     run = client.create_run(
-        experiment_id, run_name=config.run.name, tags=resolve_tags(run_tags(config))
+        experiment_id,
+        run_name=config.run.name,
+        tags=resolve_tags({**run_tags(config), **(extra_tags or {})}),
     )
     run_id = run.info.run_id
     params = flatten(config.to_dict())
