@@ -94,6 +94,8 @@ class Console:
         self.interval = interval
         self.out = out or sys.stdout
         self.printed: dict[str, tuple[int, float]] = {}
+        # A stage's done line is its last: a pool may read on past what a max_steps run needs.
+        self.finished: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tvkd-console", daemon=True)
 
@@ -124,12 +126,14 @@ class Console:
             return
         for name, stage in stages.items():
             last_done, last_time = self.printed.get(name, (0, 0.0))
-            if stage.done == last_done:
+            if stage.done == last_done or name in self.finished:
                 continue
             finished = stage.total and stage.done >= stage.total
             if finished or final or now - last_time >= self.interval:
                 self.print(stage_line(name, stage, now))
                 self.printed[name] = (stage.done, now)
+                if finished:
+                    self.finished.add(name)
 
 
 class WorkerLogFilter:

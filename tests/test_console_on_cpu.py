@@ -30,7 +30,8 @@ def test_stage_lines_show_counts_rate_eta_and_each_step_once(ray_cluster):
     report(board, "add", "teacher train", 8)
     report(board, "set", "train", 4, 10, "loss 0.250")
     console._poll(final=False)  # done is shown at once, a step only after the interval
-    console.close()  # the last poll shows where every moved stage ended
+    report(board, "add", "teacher train", 8)  # a pool reading on past what the steps need
+    console.close()  # the last poll shows where every moved stage ended, each done line once
     rest = out.getvalue().splitlines()[len(lines) :]
     assert "24/24 pairs" in rest[0] and "done in" in rest[0]
     assert len(rest) == 2 and "step 4/10  loss 0.250" in rest[1]
