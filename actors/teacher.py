@@ -72,7 +72,7 @@ class TeacherPotentials(FrozenModel):
         own, teacher_chars = alignment.teacher_tokens(table, self.tokenizer)
         scored = self._scored(own)
         out = table.drop_columns(schema.ALIGNMENT.names)
-        for (_, chars), column in zip(alignment.SIDES, schema.POTENTIALS):
+        for (_, chars), column in zip(alignment.RESPONSE_COLUMNS, schema.POTENTIALS):
             phi = alignment.map_potentials(scored[column], teacher_chars[chars], table[chars])
             out = out.append_column(column, phi)
         return out

@@ -11,8 +11,8 @@ import threading
 import ray
 
 from actors.progress import ProgressBoard, Stage
-from driver.streams import AUTO, AUTO_FOLDER, NODE_ID_LABEL
-from tvkd_ray.config import TVKDConfig, resolve_path
+from driver.streams import AUTO, auto_root, driver_node_label
+from tvkd_ray.config import TVKDConfig
 
 PREFIX = "[tvkd]"
 
@@ -78,7 +78,7 @@ def header(
 
 def _cache(cfg: TVKDConfig, cache: str) -> str:
     if cache == AUTO:
-        return f"auto ({resolve_path(cfg.run.output_dir) / AUTO_FOLDER})"
+        return f"auto ({auto_root(cfg)})"
     return cache
 
 
@@ -88,9 +88,7 @@ class Console:
     metrics are in MLflow; the console stays short however many steps a run has)."""
 
     def __init__(self, interval: float = 30.0, out=None):
-        self.board = ProgressBoard.options(
-            label_selector={NODE_ID_LABEL: ray.get_runtime_context().get_node_id()}
-        ).remote()
+        self.board = ProgressBoard.options(label_selector=driver_node_label()).remote()
         self.interval = interval
         self.out = out or sys.stdout
         self.printed: dict[str, tuple[int, float]] = {}
@@ -103,9 +101,8 @@ class Console:
         self.out.write(line + "\n")
         self.out.flush()
 
-    def start(self) -> Console:
+    def start(self) -> None:
         self._thread.start()
-        return self
 
     def close(self) -> None:
         """Stop polling, print where every stage ended, and let the board go."""

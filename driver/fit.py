@@ -188,7 +188,6 @@ def _train(cfg: TVKDConfig, data, tokenizer, uri: str | None) -> FitResult:
                 data_report=data.report,
                 decode=tokenizer.decode,
             )
-            seal_caches(streams)
         except BaseException as exc:
             # A stopped run is KILLED (rerun to resume), anything else FAILED.
             status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
@@ -196,6 +195,7 @@ def _train(cfg: TVKDConfig, data, tokenizer, uri: str | None) -> FitResult:
             raise
     finally:
         console.close()
+    seal_caches(streams)
     outcome = FitResult(
         metrics=dict(result.metrics or {}),
         model_dir=spec.model_dir,

@@ -20,6 +20,7 @@ from tvkd_ray.config import PoolConfig, TVKDConfig
 from tvkd_ray.errors import ResourceError
 
 TOKENIZE_CPUS = 0.5  # tokenising is light; a fractional share keeps it beside the model pools
+TOKENIZER_POOL = "tokenizer pool"  # its entry in resource_demand
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def resource_demand(cfg: TVKDConfig) -> dict[str, dict[str, float]]:
     """The Ray resources (CPU, GPU and custom ones) each pool asks for, by pool name."""
     train = cfg.train
     workers = {k: v * train.num_workers for k, v in worker_resources(cfg).items()}
-    demand = {"train workers": workers, "tokenizer pool": {"CPU": TOKENIZE_CPUS}}
+    demand = {"train workers": workers, TOKENIZER_POOL: {"CPU": TOKENIZE_CPUS}}
     for name, pool in cfg.pools().items():
         per_actor = {**pool.resources, "CPU": pool.num_cpus_per_actor}
         per_actor["GPU"] = pool.num_gpus_per_actor

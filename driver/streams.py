@@ -12,6 +12,7 @@ streams inside every epoch's plan; ``memory`` and a directory score every pair b
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from tvkd_ray import schema
 from tvkd_ray.config import TVKDConfig, resolve_path
 from tvkd_ray.data import tokenize_dataset
 
+logger = logging.getLogger(__name__)
 AUTO = "auto"
 AUTO_FOLDER = "score-cache"  # under run.output_dir: runs of one output root share their scores
 NODE_ID_LABEL = "ray.io/node-id"  # every Ray node's own label
@@ -45,6 +47,16 @@ class Streams:
     rows_per_block: int
     data_report: dict[str, Any] = field(default_factory=dict)
     to_seal: list[tuple[ScoreCache, int]] = field(default_factory=list)  # auto entries
+
+
+def auto_root(cfg: TVKDConfig) -> Path:
+    """Where ``cache: auto`` keeps its entries."""
+    return resolve_path(cfg.run.output_dir) / AUTO_FOLDER
+
+
+def driver_node_label() -> dict[str, str]:
+    """The label selector that places an actor on the driver's node."""
+    return {NODE_ID_LABEL: ray.get_runtime_context().get_node_id()}
 
 
 def rows_per_block(cfg: TVKDConfig) -> int:
@@ -69,8 +81,9 @@ class StreamPlanner:
         self.cfg, self.paths, self.board = cfg, paths, board
         self.per_block = rows_per_block(cfg)
         self.to_seal: list[tuple[ScoreCache, int]] = []
+        self.pairs_left: dict[str, int] = {}  # by stage: pairs a max_steps run still needs
         # Parts of ``auto`` are written and read on the driver's node: the cache is its folder.
-        self.driver_node = {NODE_ID_LABEL: ray.get_runtime_context().get_node_id()}
+        self.driver_node = driver_node_label()
 
     def datasets(self, table: pa.Table, split: str, orders: list[np.ndarray]) -> list:
         """``table``'s pairs tokenised and scored by every pool of the run, one dataset per row
@@ -88,10 +101,13 @@ class StreamPlanner:
         else:
             datasets = self._auto_epochs(table, split, rows, orders, auto)
         streaming = [role for cache, group, _ in stages if cache == "none" for role in group]
-        for i, ds in enumerate(datasets):
-            for role in streaming:
-                datasets[i] = ds = self._through(ds, role, split, table.num_rows)
-        return datasets
+        return [self._streamed(ds, streaming, split, table.num_rows) for ds in datasets]
+
+    def _streamed(self, ds, roles: list[pools.Role], split: str, num_pairs: int):
+        """``ds`` through the pools that stream in every epoch (``cache: none``)."""
+        for role in roles:
+            ds = self._through(ds, role, split, num_pairs)
+        return ds
 
     def _source(self, table: pa.Table, rows: pa.Table | None, order: np.ndarray):
         """The pairs in ``order``: scored ``rows`` if any, else tokenised afresh."""
@@ -110,15 +126,17 @@ class StreamPlanner:
             align=self.paths.cross_tokenizer,
         )
 
-    def _through(self, ds, role: pools.Role, split: str, num_pairs: int, streams: bool = True):
-        """``ds`` through ``role``'s pool, each block counted on the progress board (a stream
-        expects no more training pairs than ``train.max_steps`` needs, when it ends the run
-        first)."""
+    def _through(self, ds, role: pools.Role, split: str, num_pairs: int, capped: bool = True):
+        """``ds`` through ``role``'s pool, each block counted on the progress board. A stream in
+        a run that ``train.max_steps`` ends early expects only the training pairs those steps
+        still need, over all its epochs."""
         stage = f"{role.name} {split}"
         train = self.cfg.train
-        if streams and split == "train" and train.max_steps is not None:
+        if capped and split == "train" and train.max_steps is not None:
             per_step = train.batch_size * train.grad_accum * train.num_workers
-            num_pairs = min(num_pairs, train.max_steps * per_step)
+            left = self.pairs_left.setdefault(stage, train.max_steps * per_step)
+            num_pairs = min(num_pairs, left)
+            self.pairs_left[stage] = left - num_pairs
         report(self.board, "expect", stage, num_pairs, "pairs")
         return pools.through_pool(ds, role, self.board, stage)
 
@@ -135,7 +153,7 @@ class StreamPlanner:
             order = np.arange(table.num_rows)
             ds = self._source(table, rows, order)
             for role in group:
-                ds = self._through(ds, role, split, table.num_rows, streams=False)
+                ds = self._through(ds, role, split, table.num_rows, capped=False)
             if entry is None:  # memory
                 rows = pa.concat_tables(ray.get(ds.to_arrow_refs()))
             else:
@@ -189,7 +207,6 @@ class StreamPlanner:
         training first, then ``auto``, then ``none``; an entry is keyed on every pool scored up
         to it (it holds all their columns)."""
         cfg = self.cfg
-        auto_root = resolve_path(cfg.run.output_dir) / AUTO_FOLDER
 
         def cache_of(role: pools.Role) -> str:
             cache = role.pool.cache
@@ -206,7 +223,7 @@ class StreamPlanner:
             entry = None
             if cache not in ("none", "memory"):
                 parts = fingerprint(cfg, self.paths, table, scored)
-                entry = ScoreCache(auto_root if cache == AUTO else Path(cache), split, parts)
+                entry = ScoreCache(auto_root(cfg) if cache == AUTO else Path(cache), split, parts)
             stages.append((cache, group, entry))
         return stages
 
@@ -229,6 +246,10 @@ def build_streams(cfg: TVKDConfig, paths: ModelPaths, data: PairData, board=None
 
 
 def seal_caches(streams: Streams) -> None:
-    """After training: the ``auto`` parts that now hold every pair become their entries."""
+    """After training: the ``auto`` parts that now hold every pair become their entries. The
+    cache only saves later work, so a failure here warns; the trained run stands."""
     for entry, num_pairs in streams.to_seal:
-        entry.seal(num_pairs)
+        try:
+            entry.seal(num_pairs)
+        except OSError as exc:
+            logger.warning("could not seal the score cache %s: %s", entry.target, exc)

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import tvkd_ray  # noqa: E402
-from driver.pools import resource_demand  # noqa: E402
+from driver.pools import TOKENIZER_POOL, resource_demand  # noqa: E402
 from tvkd_ray import schema  # noqa: E402
 from tvkd_ray.config import TVKDConfig, load_config  # noqa: E402
 from tvkd_ray.data import collate, tokenize_batch  # noqa: E402
@@ -41,7 +41,6 @@ from tvkd_ray.forward import ResponseLogps, row_sums  # noqa: E402
 from tvkd_ray.models import load_model, load_tokenizer  # noqa: E402
 
 BUNDLED = REPO / "examples" / "data" / "bundled"
-TOKENIZER_POOL = "tokenizer pool"
 
 
 class PreferenceScorer:

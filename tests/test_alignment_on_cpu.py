@@ -76,7 +76,9 @@ def test_every_student_token_gets_one_teacher_state_in_order(prompt, chosen, rej
     )
     tokens = tokenize_batch(pairs, student_tok, max_length=48, max_prompt_length=24, align=True)
     _, teacher_chars = alignment.teacher_tokens(tokens, teacher_tok)
-    for (text, chars), ids in zip(alignment.SIDES, (schema.CHOSEN_IDS, schema.REJECTED_IDS)):
+    for (text, chars), ids in zip(
+        alignment.RESPONSE_COLUMNS, (schema.CHOSEN_IDS, schema.REJECTED_IDS)
+    ):
         student = np.asarray(tokens[chars][0].as_py())
         teacher = np.asarray(teacher_chars[chars][0].as_py())
         index = alignment.align(teacher, student)

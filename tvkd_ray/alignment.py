@@ -18,7 +18,7 @@ import pyarrow as pa
 from tvkd_ray import schema
 
 # Per side: the text column the teacher tokenises and the student's state positions in it.
-SIDES = (
+RESPONSE_COLUMNS = (
     (schema.CHOSEN_TEXT, schema.CHOSEN_STATE_CHARS),
     (schema.REJECTED_TEXT, schema.REJECTED_STATE_CHARS),
 )
@@ -31,12 +31,12 @@ def state_chars(offsets: list[tuple[int, int]], text_length: int, eos: bool) -> 
     has only the text before it)."""
     starts = np.array([start for start, _ in offsets], dtype=np.int64)
     previous_ends = np.array([0, *(end for _, end in offsets[:-1])], dtype=np.int64)
-    chars = np.minimum(previous_ends, starts) if offsets else np.zeros(0, dtype=np.int64)
+    chars = np.minimum(previous_ends, starts)
     if eos:
         chars = np.append(chars, text_length)
     # Offsets of some tokenizers step back (overlapping pieces); a state never comes before one
     # the text already passed.
-    return np.maximum.accumulate(chars).astype(np.int32) if len(chars) else chars.astype(np.int32)
+    return np.maximum.accumulate(chars).astype(np.int32)
 
 
 def align(teacher_chars: np.ndarray, student_chars: np.ndarray) -> np.ndarray:
@@ -80,7 +80,9 @@ def student_columns(
     ):
         dropped = len(offsets) - n
         columns[schema.PROMPT_TEXT].append(text[offsets[dropped - 1][1] :] if dropped else text)
-    for (text_column, chars_column), side in zip(SIDES, (schema.CHOSEN, schema.REJECTED)):
+    for (text_column, chars_column), side in zip(
+        RESPONSE_COLUMNS, (schema.CHOSEN, schema.REJECTED)
+    ):
         texts, chars = [], []
         responses = table.column(side).to_pylist()
         for text, offsets, n in zip(responses, encodings[side]["offset_mapping"], kept[side]):
@@ -104,13 +106,10 @@ def teacher_tokens(table: pa.Table, tokenizer: Any) -> tuple[pa.Table, dict[str,
         return tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
 
     eos = [tokenizer.eos_token_id]
-    columns = {
-        schema.PAIR_ID: table.column(schema.PAIR_ID),
-        schema.PROMPT_IDS: encode(schema.PROMPT_TEXT)["input_ids"],
-    }
+    columns = {schema.PROMPT_IDS: encode(schema.PROMPT_TEXT)["input_ids"]}
     chars = {}
     for (text_column, chars_column), ids_column in zip(
-        SIDES, (schema.CHOSEN_IDS, schema.REJECTED_IDS)
+        RESPONSE_COLUMNS, (schema.CHOSEN_IDS, schema.REJECTED_IDS)
     ):
         encoded, texts = encode(text_column), table.column(text_column).to_pylist()
         columns[ids_column] = [ids + eos for ids in encoded["input_ids"]]
@@ -118,8 +117,5 @@ def teacher_tokens(table: pa.Table, tokenizer: Any) -> tuple[pa.Table, dict[str,
             [state_chars(o, len(t), eos=True) for o, t in zip(encoded["offset_mapping"], texts)],
             type=pa.list_(pa.int32()),
         )
-    ids_type = pa.list_(pa.int32())
-    own = pa.table(
-        {k: v if k == schema.PAIR_ID else pa.array(v, ids_type) for k, v in columns.items()}
-    )
-    return own, chars
+    ids = {k: pa.array(v, pa.list_(pa.int32())) for k, v in columns.items()}
+    return pa.table({schema.PAIR_ID: table.column(schema.PAIR_ID), **ids}), chars

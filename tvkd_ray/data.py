@@ -413,14 +413,12 @@ def tokenize_batch(
         name: tokenizer(
             table.column(name).to_pylist(), add_special_tokens=False, return_offsets_mapping=align
         )
-        for name in (schema.PROMPT, schema.CHOSEN, schema.REJECTED)
+        for name in schema.TEXTS
     }
     eos = [tokenizer.eos_token_id]
     columns: dict[str, list] = {name: [] for name in schema.TOKENIZED.names}
     columns[schema.PAIR_ID] = table.column(schema.PAIR_ID)
-    texts = (
-        encodings[name]["input_ids"] for name in (schema.PROMPT, schema.CHOSEN, schema.REJECTED)
-    )
+    texts = (encodings[name]["input_ids"] for name in schema.TEXTS)
     for prompt, chosen, rejected in zip(*texts):
         prompt_cut = len(prompt) > max_prompt_length
         prompt = prompt[-max_prompt_length:] if prompt_cut else prompt
@@ -433,12 +431,7 @@ def tokenize_batch(
         columns[schema.PROMPT_TRUNCATED].append(prompt_cut)
         columns[schema.RESPONSE_TRUNCATED].append(chosen_cut or rejected_cut)
     if align:
-        kept = dict(
-            zip(
-                (schema.PROMPT, schema.CHOSEN, schema.REJECTED),
-                ([len(ids) for ids in columns[name]] for name in schema.TOKEN_IDS),
-            )
-        )
+        kept = {t: [len(ids) for ids in columns[c]] for t, c in zip(schema.TEXTS, schema.TOKEN_IDS)}
         columns.update(alignment.student_columns(table, encodings, kept))
     return pa.table(columns, schema=out_schema)
 

@@ -48,7 +48,7 @@ TRAIN_LINES = 1800  # the fixed split of the issue: first 1,800 train, last 200 
 EVAL_KEYS = ("eval/rewards/accuracies", "eval/rewards/margins", "eval/loss")
 sys.path.insert(0, str(REPO))  # run as a script from a checkout
 
-from tvkd_ray import schema  # noqa: E402
+from tvkd_ray import figures, schema  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -332,7 +332,6 @@ def plot_shaping(path: Path, cache: Path, tokenizer_path: str, gamma: float, pai
     """Token-level shaping terms F_t = γΦ(s_{t+1}) − Φ(s_t) (centred Φ, terminal 0) of the first
     test pairs, chosen and rejected, for each potential kind (like the paper's figure)."""
     import matplotlib
-    import numpy as np
     import pyarrow.parquet as pq
 
     matplotlib.use("Agg")
@@ -352,13 +351,8 @@ def plot_shaping(path: Path, cache: Path, tokenizer_path: str, gamma: float, pai
     for col, (kind, table) in enumerate(entries):
         for row in range(min(pairs, table.num_rows)):
             ax = axes[row][col]
-            for side, colour in (("chosen", "tab:green"), ("rejected", "tab:red")):
-                column = (
-                    schema.CHOSEN_POTENTIALS if side == "chosen" else schema.REJECTED_POTENTIALS
-                )
-                phi = np.asarray(table[column][row].as_py(), dtype=np.float64)
-                phi = phi - phi[0]
-                shaped = gamma * np.append(phi[1:], 0.0) - phi
+            for side, column, colour in figures.SIDES:
+                _, shaped = figures.shaping_terms(table[column][row].as_py(), gamma, center=True)
                 ax.plot(shaped, color=colour, lw=1, label=f"{side} (S={shaped.sum():.2f})")
             ids = table[schema.CHOSEN_IDS][row].as_py()[:12]
             ax.set_title(
