@@ -1,11 +1,13 @@
 """Helpers the end-to-end tests share: the CLI as a subprocess, free ports, waiting for servers,
 and a process group that is always stopped (never `ray stop`)."""
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -33,6 +35,30 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         text=True,
         timeout=timeout,
     )
+
+
+def run_cli_cases(
+    cases: list[list[str]], timeout: float = 900
+) -> list[subprocess.CompletedProcess]:
+    """``python jobs/tvkd.py ARGS`` for each of ``cases``, all in one process
+    (tests/cli_cases.py): each case's exit status, stdout and stderr as a shell would see them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cases_file, out_file = Path(tmp) / "cases.json", Path(tmp) / "out.json"
+        cases_file.write_text(json.dumps(cases))
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "tests" / "cli_cases.py"), str(cases_file), str(out_file)],
+            env=clean_env(),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results = json.loads(out_file.read_text())
+    return [
+        subprocess.CompletedProcess(r["argv"], r["returncode"], r["stdout"], r["stderr"])
+        for r in results
+    ]
 
 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:

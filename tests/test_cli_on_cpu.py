@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import error_lines, run_cli
+from support import error_lines, run_cli, run_cli_cases
 
 from tvkd_ray.config import field_docs
 
@@ -144,18 +144,12 @@ def _catalogue(tmp: Path) -> list[tuple[list[str], str]]:
 
 
 def test_bad_input_catalogue_one_line_no_traceback(tmp_path):
+    catalogue = _catalogue(tmp_path)
+    common = ["--config", str(TINY), "--run.output_dir", str(tmp_path / "out")]
+    common += ["--tracking.enabled", "false"]
+    results = run_cli_cases([[*common, *extra] for extra, _ in catalogue])
     failures = []
-    for extra, expected in _catalogue(tmp_path):
-        out = tmp_path / "out"
-        proc = run_cli(
-            "--config",
-            str(TINY),
-            "--run.output_dir",
-            str(out),
-            "--tracking.enabled",
-            "false",
-            *extra,
-        )
+    for (extra, expected), proc in zip(catalogue, results, strict=True):
         lines = error_lines(proc)
         problem = None
         if proc.returncode != 2:
@@ -167,4 +161,12 @@ def test_bad_input_catalogue_one_line_no_traceback(tmp_path):
         if problem:
             failures.append(f"{extra}: {problem}\n{proc.stderr[-1500:]}")
     assert not failures, "\n\n".join(failures)
-    assert len(_catalogue(tmp_path)) >= 15
+    assert len(catalogue) >= 15
+
+
+def test_a_bad_input_in_a_real_shell_is_one_line_and_exit_2(tmp_path):
+    """The catalogue runs in one process; one case as its own ``python jobs/tvkd.py``."""
+    proc = run_cli("--config", str(TINY), "--train.batch_size", "four")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = error_lines(proc)
+    assert "train.batch_size: expected int" in line
