@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test run docs lint bench examples cluster submit cluster-stop
+.PHONY: install test test-e2e run docs lint bench examples cluster submit cluster-stop ui-snapshot
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ install: $(STAMP)
 
 test: install
 	$(VENV)/bin/pytest -q
+
+test-e2e: install
+	# The further end-to-end scenarios (the `e2e` marker): minutes each, outside make test.
+	$(VENV)/bin/pytest -q -m e2e
 
 run: install
 	$(PY) jobs/tvkd.py
@@ -34,7 +38,6 @@ bench: install
 	$(PY) -m pip install -q -c requirements.lock "torch==2.13.0" -e ".[bench]"
 	$(PY) jobs/bench.py --quick
 
-.PHONY: ui-snapshot
 # The MLflow UI of a tiny run, as a browser shows it: docs/mlflow_run_{page,artifacts}.png. Debian's
 # chromium package (root and the apt mirror) is installed when missing. RUN_DIR= a finished run.
 ui-snapshot: install

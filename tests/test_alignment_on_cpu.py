@@ -121,6 +121,7 @@ def test_a_teacher_with_another_tokenizer_scores_every_student_token(tiny_pairs)
         assert np.isfinite(np.concatenate(out[column].to_pylist())).all()
 
 
+@pytest.mark.e2e  # a whole fit; the mapping itself is tested above
 @pytest.mark.slow
 def test_fit_distils_a_teacher_with_another_tokenizer(ray_cluster, tmp_path, capsys):
     """The tiny student (its 1,024-token tokenizer) under the SmolLM2 teacher (49,152): the run

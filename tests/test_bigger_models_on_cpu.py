@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from tvkd_ray.config import load_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # whole fits: make test-e2e
 
 
 def _fit(tmp_path: Path, name: str, overrides: list[str]):

@@ -170,3 +170,25 @@ def test_a_bad_input_in_a_real_shell_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     (line,) = error_lines(proc)
     assert "train.batch_size: expected int" in line
+
+
+def test_a_finished_run_only_says_so(tmp_path):
+    """Rerunning a run whose directory holds its result trains nothing, starts no cluster and
+    says how to start a fresh one (a full run ending this way: test_train_on_cpu, make test-e2e)."""
+    from driver.fit import RESULT_FILE
+
+    run_dir = tmp_path / "out" / "tiny"
+    run_dir.mkdir(parents=True)
+    result = {
+        "metrics": {"loss": 0.5},
+        "model_dir": str(run_dir / "model"),
+        "run_dir": str(run_dir),
+    }
+    result |= {"checkpoint_dir": None, "mlflow_run_id": None, "tracking_uri": None}
+    (run_dir / RESULT_FILE).write_text(json.dumps(result))
+    proc = run_cli("--config", str(TINY), "--run.output_dir", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "already finished" in proc.stderr and "run.overwrite=true" in proc.stderr
+    assert (
+        "[tvkd] run " not in proc.stdout and "loss                        : 0.5000" in proc.stdout
+    )

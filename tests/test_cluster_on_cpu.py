@@ -14,7 +14,8 @@ import pytest
 from support import clean_env
 
 SCENARIOS = Path(__file__).with_name("cluster_scenarios.py")
-pytestmark = [pytest.mark.faults, pytest.mark.slow]
+# Each scenario starts a cluster of three nodes and trains two epochs: minutes, make test-e2e.
+pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.e2e]
 
 
 def _scenario(name: str, out: Path) -> dict:

@@ -116,6 +116,7 @@ def test_more_gpus_than_the_cluster_has_is_a_clear_error_not_a_hang(tmp_path):
     assert time.time() - start < 60
 
 
+@pytest.mark.e2e  # a whole fit against a server
 @pytest.mark.slow
 def test_tracking_server_dying_mid_run_only_warns(ray_cluster, tmp_path):
     import tvkd_ray

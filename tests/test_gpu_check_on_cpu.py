@@ -12,7 +12,7 @@ sys.path.insert(0, str(REPO / "jobs"))
 
 import gpu_check  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # whole fits: make test-e2e
 
 
 def test_dry_gpu_check_runs_every_step(ray_cluster, tmp_path):

@@ -60,6 +60,7 @@ def fresh_shell_env(home: Path, cluster_dir: Path, dashboard: int) -> dict:
     }
 
 
+@pytest.mark.e2e  # a head, a job and its own fit: minutes
 def test_readme_cluster_commands_submit_a_job_then_mlflow_finds_the_run(tmp_path):
     commands = readme_cluster_commands()
     assert set(commands) == {"cluster", "submit", "cluster-stop"}

@@ -193,6 +193,7 @@ def _cli(args: list[str], env: dict, **kwargs) -> subprocess.Popen:
     )
 
 
+@pytest.mark.e2e  # four runs, three with their own cluster
 @pytest.mark.faults
 def test_cli_stopped_by_sigterm_resumes_and_matches_uninterrupted(ray_cluster, tmp_path):
     import tvkd_ray
