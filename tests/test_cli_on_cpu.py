@@ -67,6 +67,16 @@ def _catalogue(tmp: Path) -> list[tuple[list[str], str]]:
         )
         + "\n"
     )
+    conversation = [{"role": "user", "content": "hi"}]
+    chat = _pairs(
+        tmp / "chat.jsonl",
+        [
+            {
+                "chosen": [*conversation, {"role": "assistant", "content": "hello"}],
+                "rejected": [*conversation, {"role": "assistant", "content": "go away"}],
+            }
+        ],
+    )
     with gzip.open(tmp / "ok_hh.jsonl.gz", "wt") as f:
         f.write(
             json.dumps(
@@ -96,6 +106,12 @@ def _catalogue(tmp: Path) -> list[tuple[list[str], str]]:
             "'smollm2-135m-instruct' and student tokenizer 'tiny-student' differ",
         ),
         (["--reference.model", "smollm2-135m-instruct"], "must share one tokenizer"),
+        # Both models score one rendered text: their chat templates must render it alike.
+        (
+            ["--teacher.model", "smollm2-135m-instruct", "--data.train_path", chat],
+            "teacher tokenizer 'smollm2-135m-instruct' and student tokenizer 'tiny-student' "
+            "render them differently",
+        ),
         (["--data.train_path", str(tmp / "missing.jsonl")], "missing.jsonl"),
         (
             [
