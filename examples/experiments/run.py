@@ -55,7 +55,8 @@ from tvkd_ray import figures, schema  # noqa: E402
 class Plan:
     """Sizes; the full plan runs in about two hours on 2 CPU cores, ``--smoke`` in minutes."""
 
-    pairs: int  # train-split pairs the teacher and the students train on
+    teacher_pairs: int  # train-split pairs the teacher DPO-trains on (the first ones)
+    pairs: int  # train-split pairs the students train on (the first ones)
     test_pairs: int  # test-split pairs evaluated (the last ones of the file)
     teacher_epochs: int
     student_epochs: int
@@ -64,24 +65,38 @@ class Plan:
 
 
 FULL = Plan(
-    pairs=256, test_pairs=200, teacher_epochs=1, student_epochs=1, eval_points=2, bundled_pairs=256
+    teacher_pairs=TRAIN_LINES,
+    pairs=256,
+    test_pairs=200,
+    teacher_epochs=1,
+    student_epochs=1,
+    eval_points=2,
+    bundled_pairs=256,
 )
 SMOKE = Plan(
-    pairs=16, test_pairs=16, teacher_epochs=1, student_epochs=1, eval_points=1, bundled_pairs=16
+    teacher_pairs=32,
+    pairs=16,
+    test_pairs=16,
+    teacher_epochs=1,
+    student_epochs=1,
+    eval_points=1,
+    bundled_pairs=16,
 )
 
-# Arms: name -> overrides. alpha/gamma grid kept small; DPO + KD is the distillation baseline.
+# Arms: name -> overrides. The names carry c = alpha * (1 - gamma), the one knob of a centred
+# potential (docs/RESULTS.md); DPO + KD is the distillation baseline.
+BOUNDED = ["loss.potential=soft_value", "loss.potential_normalize=true", "loss.q_scale=0.7"]
+BOUNDED_TOPK = [*BOUNDED, "loss.potential_support=top_k", "teacher.top_k=50"]
 HH_ARMS = {
     "dpo": ["run.stage=dpo"],
-    "tvkd-soft-a0.1-g0.9": ["loss.potential=soft_value", "loss.alpha=0.1", "loss.gamma=0.9"],
-    "tvkd-soft-a0.5-g0.9": ["loss.potential=soft_value", "loss.alpha=0.5", "loss.gamma=0.9"],
-    "tvkd-ir-a0.5-g0.9": ["loss.potential=implicit_reward", "loss.alpha=0.5", "loss.gamma=0.9"],
-    "tvkd-ir-a1.0-g0.9": ["loss.potential=implicit_reward", "loss.alpha=1.0", "loss.gamma=0.9"],
-    "tvkd-ir-a0.5-g0.5": ["loss.potential=implicit_reward", "loss.alpha=0.5", "loss.gamma=0.5"],
+    "tvkd-ir-c0.1": ["loss.potential=implicit_reward", "loss.alpha=1.0", "loss.gamma=0.9"],
+    "tvkd-bounded-c0.1": [*BOUNDED_TOPK, "loss.alpha=1.0", "loss.gamma=0.9"],
+    "tvkd-bounded-c0.5": [*BOUNDED_TOPK, "loss.alpha=5.0", "loss.gamma=0.9"],
+    "release": ["loss.objective=release", "loss.gamma=1.0", "teacher.top_k=50"],
     "dpo+kd": ["loss.alpha=0", "loss.kd_weight=0.1"],
 }
-# The bundled comparison has no DPO-trained teacher: soft_value of the untrained SmolLM2.
-BUNDLED_ARMS = {k: HH_ARMS[k] for k in ("dpo", "tvkd-soft-a0.1-g0.9", "tvkd-soft-a0.5-g0.9")}
+# The bundled comparison has no DPO-trained teacher: the untrained SmolLM2's bounded soft value.
+BUNDLED_ARMS = {k: HH_ARMS[k] for k in ("dpo", "tvkd-bounded-c0.1", "tvkd-bounded-c0.5")}
 
 
 def log(message: str) -> None:
@@ -106,6 +121,7 @@ def split_data(out: Path, plan: Plan) -> dict[str, Path]:
     bundled = (BUNDLED / "train.jsonl").read_text().splitlines(keepends=True)
     bundled_eval = (BUNDLED / "eval.jsonl").read_text().splitlines(keepends=True)
     return {
+        "hh_teacher": write_lines(out / "data" / "hh_teacher.jsonl", train[: plan.teacher_pairs]),
         "hh_train": write_lines(out / "data" / "hh_train.jsonl", train[: plan.pairs]),
         "hh_test": write_lines(out / "data" / "hh_test.jsonl", test[-plan.test_pairs :]),
         "bundled_train": write_lines(
@@ -120,9 +136,10 @@ def split_data(out: Path, plan: Plan) -> dict[str, Path]:
 class Runner:
     """Runs the CLI, one log file per run, and skips runs that already finished."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, extra_eval: list[Path]):
         from mlflow.tracking import MlflowClient
 
+        self.extra_eval = extra_eval
         self.runs = out / "runs"
         self.logs = out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -151,12 +168,37 @@ class Runner:
             tail = (self.logs / f"{name}.log").read_text().splitlines()[-15:]
             raise RuntimeError(f"run {name} failed (exit {proc.returncode}):\n" + "\n".join(tail))
         result = {"name": name, "seconds": round(time.time() - started, 1), **self.history(name)}
+        if self.extra_eval and not keep_model:
+            result["extra_eval"] = self.score_extra(name, config, overrides)
         if not keep_model:  # students: the metrics are the result; weights would fill the disk
             for sub in ("model", "train", "student_init", "pairs_seen"):
                 shutil.rmtree(self.runs / name / sub, ignore_errors=True)
         done.write_text(json.dumps(result, indent=1))
         log(f"done  {name} in {result['seconds']:.0f} s")
         return result
+
+    def score_extra(self, name: str, config: Path, overrides: list[str]) -> dict:
+        """``jobs/eval.py`` on each extra file: the final model against its reference (the
+        SFT start), with the run's β and lengths; {file name: its JSON result}."""
+        from tvkd_ray.config import load_config
+
+        cfg = load_config(config, overrides)
+        scores = {}
+        for path in self.extra_eval:
+            command = [
+                sys.executable, str(REPO / "jobs" / "eval.py"),
+                "--model", str(self.runs / name / "model"),
+                "--ref-model", cfg.student.model,
+                "--data", str(path),
+                "--beta", str(cfg.loss.beta),
+                "--max-length", str(cfg.data.max_length),
+                "--max-prompt-length", str(cfg.data.max_prompt_length),
+            ]  # fmt: skip
+            proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"run {name}: jobs/eval.py on {path} failed: {proc.stderr}")
+            scores[path.name] = json.loads(proc.stdout.splitlines()[-1])
+        return scores
 
     def history(self, name: str) -> dict:
         """Eval metric histories [(step, value)] of the run, read back from its MLflow store."""
@@ -202,11 +244,9 @@ def student_runs(prefix: str, arms: dict, seeds: int, common: list[str], eval_ev
 
 
 def cache_key_of(overrides: list[str]) -> tuple:
-    """Arms with the same teacher work share one cache entry; run those one after another."""
-    potential = next((o for o in overrides if o.startswith("loss.potential=")), "")
-    stage = next((o for o in overrides if o.startswith("run.stage=")), "")
-    kd = any(o.startswith("loss.kd_weight=") for o in overrides)
-    return (potential, stage, kd)
+    """Arms with the same teacher work share one cache entry; run those one after another.
+    alpha and gamma only weigh what the teacher streamed, so they do not change the entry."""
+    return tuple(sorted(o for o in overrides if not o.startswith(("loss.alpha=", "loss.gamma="))))
 
 
 def potential_spec(entry: Path) -> tuple[str, int] | None:
@@ -376,13 +416,40 @@ def main() -> int:
     parser.add_argument("--lanes", type=int, default=2, help="training runs at a time")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the plumbing")
     parser.add_argument("--docs", action="store_true", help="also write docs/results/")
+    parser.add_argument(
+        "--arms",
+        help=f"comma-separated arms to run (default all: {', '.join(HH_ARMS)}); runs that "
+        "finished are kept, so a later call with more arms adds to the same report",
+    )
+    parser.add_argument(
+        "--extra-eval",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="pairs file (SPEC §4) every student's final model is also scored on, by "
+        "jobs/eval.py against its SFT start; one table column per file (repeatable)",
+    )
     args = parser.parse_args()
+    hh_arms, bundled_arms = HH_ARMS, BUNDLED_ARMS
+    if args.arms:
+        chosen = args.arms.split(",")
+        unknown = sorted(set(chosen) - set(HH_ARMS))
+        if unknown or "dpo" not in chosen:
+            parser.error(
+                f"--arms: needs dpo (the baseline); unknown {unknown}; known {list(HH_ARMS)}"
+            )
+        hh_arms = {k: v for k, v in HH_ARMS.items() if k in chosen}
+        bundled_arms = {k: v for k, v in BUNDLED_ARMS.items() if k in chosen}
+    for path in args.extra_eval:
+        if not path.is_file():
+            parser.error(f"--extra-eval: {path} is not a file")
     plan = SMOKE if args.smoke else FULL
     out = args.out.expanduser().resolve()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.time()
     data = split_data(out, plan)
-    runner = Runner(out)
+    runner = Runner(out, [p.resolve() for p in args.extra_eval])
     cache = out / "teacher-cache"
 
     # Stage 1 and 2 side by side: the teacher's DPO and the student's SFT do not depend on each
@@ -392,7 +459,7 @@ def main() -> int:
             "hh-teacher-dpo",
             HERE / "hh_teacher_dpo.yaml",
             [
-                f"data.train_path={data['hh_train']}",
+                f"data.train_path={data['hh_teacher']}",
                 f"data.eval_path={data['hh_test']}",
                 f"train.epochs={plan.teacher_epochs}",
             ],
@@ -431,11 +498,11 @@ def main() -> int:
         return student_runs(prefix, arms, args.seeds, common, student_eval_every)
 
     hh_first, hh_rest = arm_runs(
-        "hh", HH_ARMS, str(teacher_model), data["hh_train"], data["hh_test"]
+        "hh", hh_arms, str(teacher_model), data["hh_train"], data["hh_test"]
     )
     b_first, b_rest = arm_runs(
         "bundled",
-        BUNDLED_ARMS,
+        bundled_arms,
         "smollm2-135m-instruct",
         data["bundled_train"],
         data["bundled_eval"],
@@ -463,8 +530,8 @@ def main() -> int:
 
     report = out / "report"
     report.mkdir(exist_ok=True)
-    hh_rows = summarise(results, HH_ARMS, args.seeds, "hh")
-    b_rows = summarise(results, BUNDLED_ARMS, args.seeds, "bundled")
+    hh_rows = summarise(results, hh_arms, args.seeds, "hh")
+    b_rows = summarise(results, bundled_arms, args.seeds, "bundled")
     summary = {
         "plan": plan.__dict__,
         "seeds": args.seeds,
