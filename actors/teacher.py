@@ -34,9 +34,11 @@ class TeacherSpec(FrozenModelSpec):
     tau: float = 1.0
     q_scale: float = 1.0
     normalize: bool = False
+    support_top_k: int = 0  # soft_value over the top-k plus a rest bucket; 0: the whole vocabulary
     ref_model: str | None = None  # the teacher's pre-DPO checkpoint, for implicit_reward
     beta: float = 0.1
-    top_k: int = 0  # top-k ids and log-probs streamed per chosen token; 0 without KD
+    top_k: int = 0  # top-k ids and log-probs streamed per chosen token; 0 without KD or release
+    rejected_top_k: bool = False  # the top-k ids per rejected token too (release)
 
     MODELS: ClassVar[tuple[str, ...]] = ("model", "ref_model")
 
@@ -52,6 +54,7 @@ class TeacherPotentials(FrozenModel):
             "tau": spec.tau,
             "q_scale": spec.q_scale,
             "normalize": spec.normalize,
+            "top_k": spec.support_top_k,
         }
         self.ref = self.load(spec.ref_model) if spec.potential == "implicit_reward" else None
 
@@ -88,19 +91,24 @@ class TeacherPotentials(FrozenModel):
         out = table.append_column(schema.CHOSEN_POTENTIALS, chosen)
         out = out.append_column(schema.REJECTED_POTENTIALS, rejected)
         if self.spec.top_k > 0:
-            out = self._append_topk(out, hidden, head, batch.sides(mask).chosen)
+            out = self._append_topk(out, hidden, head, batch.sides(mask))
         return out
 
-    def _append_topk(self, out: pa.Table, hidden, head, chosen_mask) -> pa.Table:
-        """KD needs the chosen responses only: their positions come first in ``hidden``."""
-        k = self.spec.top_k
-        ids, logps = topk_logps_from_hidden(hidden[: int(chosen_mask.sum())], head, k)
-        lengths = chosen_mask.sum(dim=1).cpu().numpy() * k
-        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-        ids = pa.array(ids.cpu().numpy().ravel().astype(np.int32))
-        logps = pa.array(logps.float().cpu().numpy().ravel())
-        out = out.append_column(schema.CHOSEN_TOPK_IDS, pa.ListArray.from_arrays(offsets, ids))
-        return out.append_column(schema.CHOSEN_TOPK_LOGPS, pa.ListArray.from_arrays(offsets, logps))
+    def _append_topk(self, out: pa.Table, hidden, head, masks) -> pa.Table:
+        """KD needs the chosen responses only (their positions come first in ``hidden``);
+        release needs the rejected ones' ids too."""
+        k, n_chosen = self.spec.top_k, int(masks.chosen.sum())
+        rows = hidden if self.spec.rejected_top_k else hidden[:n_chosen]
+        ids, logps = topk_logps_from_hidden(rows, head, k)
+        ids = ids.cpu().numpy().astype(np.int32)
+        chosen_ids = _per_row(ids[:n_chosen], masks.chosen, k)
+        out = out.append_column(schema.CHOSEN_TOPK_IDS, chosen_ids)
+        logps = _per_row(logps[:n_chosen].float().cpu().numpy(), masks.chosen, k)
+        out = out.append_column(schema.CHOSEN_TOPK_LOGPS, logps)
+        if self.spec.rejected_top_k:
+            rejected = _per_row(ids[n_chosen:], masks.rejected, k)
+            out = out.append_column(schema.REJECTED_TOPK_IDS, rejected)
+        return out
 
     def _implicit_reward(self, batch, hidden, head) -> torch.Tensor:
         """β_T · Σ_{k<t} [log π_T − log π_Tref] over each row's response tokens, flattened."""
@@ -115,3 +123,10 @@ class TeacherPotentials(FrozenModel):
         padded_t[mask] = teacher.float()
         padded_r[mask] = ref.float().to(teacher.device)
         return implicit_reward_potentials(padded_t, padded_r, mask, self.spec.beta)[mask]
+
+
+def _per_row(values: np.ndarray, mask: torch.Tensor, k: int) -> pa.ListArray:
+    """``[tokens, k]`` values of one side, flat, as one list per row (k per response token)."""
+    lengths = mask.sum(dim=1).cpu().numpy() * k
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(values.ravel()))

@@ -201,9 +201,13 @@ class StudentTrainer:
 
     def _placeholder(self) -> pa.Table:
         """The pair a worker without data runs (weight 0), with every column a batch has."""
-        cfg, top_k = self.cfg, self.step_fn.objective.top_k
+        cfg, objective = self.cfg, self.step_fn.objective
+        top_k = objective.top_k
         columns = schema.scored(
-            teacher=cfg.uses_teacher, kd=top_k > 0, reference=cfg.uses_reference
+            teacher=cfg.uses_teacher,
+            topk=top_k > 0,
+            release=objective.kind == "release",
+            reference=cfg.uses_reference,
         )
         return schema.placeholder(columns, self.tokenizer.pad_token_id, top_k)
 

@@ -79,6 +79,12 @@ def check_tokenizers(cfg: TVKDConfig):
                 f"differ in {difference}; set loss.kd_weight: 0, or use a teacher with the "
                 "student's tokenizer"
             )
+        if cfg.loss.objective == "release":
+            raise ConfigError(
+                f"loss.objective: release scores the student on the teacher's top-k ids, which "
+                f"needs one vocabulary, but {teacher} and {student} differ in {difference}; use "
+                "loss.objective: tvkd, or a teacher with the student's tokenizer"
+            )
         check_offsets(teacher_tok, teacher, student)
         check_offsets(student_tok, student, teacher)
     return student_tok

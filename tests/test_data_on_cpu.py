@@ -681,7 +681,7 @@ def test_architecture_doc_lists_the_schema_as_generated():
 def test_scored_column_names_are_spelled_in_the_schema_module_only():
     """Code names a travelling column by its schema constant: a quoted name anywhere else in the
     library, the roles, the jobs or the examples would be a second place to keep in step."""
-    scored = [*schema.TEACHER.names, *schema.TEACHER_KD.names, *schema.REFERENCE.names]
+    scored = [*schema.TEACHER_PAYLOAD, *schema.REFERENCE.names]
     spelled = []
     for root in ("tvkd_ray", "actors", "jobs", "examples"):
         for path in sorted((REPO / root).rglob("*.py")):
@@ -690,13 +690,14 @@ def test_scored_column_names_are_spelled_in_the_schema_module_only():
             text = path.read_text()
             spelled += [f"{path.relative_to(REPO)}: {n}" for n in scored if f'"{n}"' in text]
     assert not spelled, spelled
-    assert len(scored) == 8  # potentials x2, top-k x2, reference log-probs x2, timings x2
+    assert len(scored) == 9  # potentials x2, top-k x3, reference log-probs x2, timings x2
 
 
 def test_placeholder_pair_has_every_column_of_the_scored_schema():
-    columns = schema.scored(teacher=True, kd=True, reference=True)
+    columns = schema.scored(teacher=True, topk=True, release=True, reference=True)
     one = schema.placeholder(columns, pad_id=3, top_k=4)
     assert one.schema == columns and one.num_rows == 1
     assert one.column(schema.CHOSEN_TOPK_IDS).to_pylist() == [[3, 3, 3, 3]]
+    assert one.column(schema.REJECTED_TOPK_IDS).to_pylist() == [[3, 3, 3, 3]]
     batch = collate(one, pad_token_id=3)  # one response token per side, as the step expects
     assert batch.response_mask.sum().item() == 2 and batch.potentials.tolist() == [[0, 0], [0, 0]]

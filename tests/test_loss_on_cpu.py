@@ -14,6 +14,8 @@ from tvkd_ray.loss import (
     bc_loss,
     kd_loss,
     preference_metrics,
+    release_loss,
+    release_returns,
     shaping_return,
     tvkd_loss,
 )
@@ -336,3 +338,55 @@ def test_shaping_picture_terms_sum_to_the_loss_shaping_return(center):
     _, terms = shaping_terms(phi[0].tolist(), 0.9, center)
     expected = shaping_return(phi, torch.ones(1, 7, dtype=torch.bool), 0.9, center=center)
     assert terms.sum() == pytest.approx(expected.item(), rel=1e-5, abs=1e-5)
+
+
+# ------------------------------------------------------------- the released recipe (release)
+
+
+def _release_example(gamma: float):
+    """One pair, vocabulary 4, teacher top-2. Student probabilities and teacher top-2 ids:
+    chosen t0 [.4 .3 .2 .1], top {0, 2}, y=2 (in the top-k): q̂ = [.4 .2 | .4], log q̂(y) = log .2;
+    chosen t1 [.1 .6 .2 .1], top {0, 3}, y=1 (outside: the rest bucket): q̂ = [.1 .1 | .8],
+    log q̂(y) = log .8, H = −(2 · .1 log .1 + .8 log .8) = 0.639032;
+    rejected t0 uniform, top {1, 2}, y=3 (outside): log q̂(y) = log .5, terminal.
+    R⁺ = log .2 − γ · 0.639032 + log .8 (its last state is terminal), R⁻ = log .5."""
+    probs = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.1, 0.6, 0.2, 0.1], [0.25] * 4])
+    logits = probs.log().requires_grad_(True)
+    logps = torch.log_softmax(logits, dim=-1)
+    ids, tokens = torch.tensor([[0, 2], [0, 3], [1, 2]]), torch.tensor([2, 1, 3])
+    returns = release_returns(
+        logps.gather(-1, tokens[:, None]).squeeze(-1),
+        logps.gather(-1, ids),
+        (ids == tokens[:, None]).any(dim=-1),
+        torch.tensor([0, 0, 1]),
+        2,
+        gamma=gamma,
+    )
+    return logits, returns
+
+
+@pytest.mark.parametrize(("gamma", "chosen"), [(1.0, -2.471613), (0.0, -1.832581)])
+def test_release_returns_worked_example(gamma, chosen):
+    _, returns = _release_example(gamma)
+    assert returns.tolist() == pytest.approx([chosen, -0.693147], abs=1e-6)
+
+
+def test_release_loss_worked_example_and_gradient_through_the_entropy():
+    logits, returns = _release_example(1.0)
+    zeros = torch.zeros(1)
+    out = release_loss(
+        returns[:1],
+        returns[1:],
+        chosen_rewards=zeros,
+        rejected_rewards=zeros,
+        tie_tolerance=zeros,
+    )
+    assert out.loss.item() == pytest.approx(1.934527, abs=1e-6)  # log(1 + e^1.778466)
+    assert out.margins.item() == pytest.approx(-1.778466, abs=1e-6)
+    assert out.chosen_shaping.item() == pytest.approx(-2.471613, abs=1e-6)
+    out.loss.backward()
+    without, no_entropy = _release_example(0.0)
+    release_loss(no_entropy[:1], no_entropy[1:], chosen_rewards=zeros, rejected_rewards=zeros,
+                 tie_tolerance=zeros).loss.backward()  # fmt: skip
+    # The entropy of chosen t1 is not detached: with γ = 1 it moves t1's logits differently.
+    assert not torch.allclose(logits.grad[1], without.grad[1], atol=1e-4)

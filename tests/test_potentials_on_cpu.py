@@ -55,6 +55,24 @@ def test_soft_value_worked_example(kwargs, expected):
     assert value.item() == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        # log(.5^.7 + .2^.7 + .3^.7): the top-2 and the rest bucket .15 + .1 + .05 = .3
+        ({"q_scale": 0.7, "top_k": 2}, 0.314968),
+        # the whole vocabulary: log(.5^.7 + .2^.7 + .15^.7 + .1^.7 + .05^.7)
+        ({"q_scale": 0.7}, 0.423347),
+        # tau 2: 2 · log(.5^.35 + .2^.35 + .3^.35)
+        ({"q_scale": 0.7, "tau": 2.0, "top_k": 2}, 1.396312),
+    ],
+)
+def test_bounded_soft_value_on_top_k_plus_rest_worked_example(kwargs, expected):
+    """The TVKD authors' bounded teacher-only soft value: log_softmax, then top-k + rest."""
+    logits = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]).log() + 3.0  # any shift: normalised
+    value = soft_value(logits, normalize=True, **kwargs)
+    assert value.item() == pytest.approx(expected, abs=1e-6)
+
+
 def test_soft_value_reduces_last_axis_in_float32():
     logits = torch.randn(2, 3, 50, dtype=torch.float64).to(torch.bfloat16)
     value = soft_value(logits, tau=0.5, q_scale=0.7, normalize=True)

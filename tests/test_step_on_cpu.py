@@ -2,6 +2,7 @@
 direct computation: SFT trains on the chosen responses alone, behaviour cloning and top-k KD add
 their terms, and the metric sums count what the trainers report. No Ray: the step is plain torch."""
 
+import math
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -84,7 +85,9 @@ def test_behaviour_cloning_and_kd_add_their_terms(student, scored):
     expected = base.item() + 2.0 * kd_loss(student_topk, teacher).item()
     assert with_kd.item() == pytest.approx(expected, abs=1e-5)
     # What crossed from the teacher: its columns' bytes, the top-k included.
-    payload = sum(scored.column(c).nbytes for c in schema.TEACHER_PAYLOAD)
+    payload = sum(
+        scored.column(c).nbytes for c in schema.TEACHER_PAYLOAD if c in scored.schema.names
+    )
     assert kd_sums["payload_bytes"] == base_sums["payload_bytes"] == payload
 
 
@@ -129,3 +132,46 @@ def test_learning_rate_warms_up_then_decays_to_the_last_step():
     assert lr.factor(0.625, 0.75) == pytest.approx(0.5)
     assert 0 < lr.factor(0.95, 1.0) < 0.02
     assert LearningRate(1.0, 0.0).factor(0.0, 0.1) == 1.0
+
+
+def test_release_scores_both_sides_on_the_teachers_top_k(student):
+    """loss.objective=release: the teacher streams its top-k ids on the rejected responses too,
+    and the step's loss is −log σ(R⁺ − R⁻) of the released recipe, checked against a loop."""
+    table = tokenized(PAIRS)
+    teacher = load_model(resolve_model("tiny-teacher")).eval()
+    spec = TeacherSpec(resolve_model("tiny-teacher"), top_k=TOP_K, rejected_top_k=True)
+    table = ReferenceLogps(FrozenModelSpec(resolve_model("tiny-student")))(
+        TeacherPotentials(spec)(table)
+    )
+    rows = table.to_pylist()
+    with torch.no_grad():
+        top = direct_logits(teacher, rows[0][schema.PROMPT_IDS], rows[0][schema.REJECTED_IDS])
+    ids = torch.tensor(rows[0][schema.REJECTED_TOPK_IDS]).view(-1, TOP_K)
+    assert torch.equal(ids, top.topk(TOP_K, dim=-1).indices)
+
+    loss, sums = step_for(student, "loss.objective=release", "loss.gamma=0.5")(table)
+
+    def release_return(row, side):
+        response = row[side]
+        logps = torch.log_softmax(direct_logits(student, row[schema.PROMPT_IDS], response), -1)
+        topk = schema.CHOSEN_TOPK_IDS if side == schema.CHOSEN_IDS else schema.REJECTED_TOPK_IDS
+        ids = row[topk]
+        total, entropies = 0.0, []
+        for t, y in enumerate(response):
+            top = ids[t * TOP_K : (t + 1) * TOP_K]
+            probs = [logps[t, i].exp().item() for i in top]
+            q = [*probs, 1.0 - sum(probs)]
+            entropies.append(-sum(p * math.log(p) for p in q))
+            total += logps[t, y].item() if y in top else math.log(q[-1])
+        return total - 0.5 * sum(entropies[1:])  # H of each next state; 0 after the last
+
+    with torch.no_grad():
+        margins = [
+            release_return(r, schema.CHOSEN_IDS) - release_return(r, schema.REJECTED_IDS)
+            for r in rows
+        ]
+    expected = sum(math.log1p(math.exp(-m)) for m in margins) / len(rows)
+    assert loss.item() == pytest.approx(expected, abs=1e-4)
+    assert sums["tvkd/shaped_margins"] / len(rows) == pytest.approx(
+        sum(margins) / len(rows), abs=1e-4
+    )

@@ -278,7 +278,12 @@ class TeacherConfig(PoolConfig):
         None,
         "The teacher's pre-DPO checkpoint; required by loss.potential = implicit_reward.",
     )
-    top_k: int = _field(32, "Teacher top-k tokens streamed for loss.kd_weight > 0.")
+    top_k: int = _field(
+        32,
+        "k of the teacher's top-k tokens: streamed for loss.kd_weight > 0 and "
+        "loss.objective=release, and the support of loss.potential_support=top_k (the TVKD "
+        "authors' code uses 50).",
+    )
     beta: float = _field(0.1, "beta_T of the implicit_reward potential.")
 
     def __post_init__(self) -> None:
@@ -327,6 +332,14 @@ class DataConfig:
 class LossConfig:
     """The TVKD objective (SPEC §2)."""
 
+    objective: Literal["tvkd", "release"] = _field(
+        "tvkd",
+        "tvkd: DPO plus the teacher's potential-based shaping (SPEC §2.3, the paper's objective); "
+        "release: the TVKD authors' released recipe, reference-free and without beta: per token "
+        "log q(y_t) - gamma * H(q(.|s_t+1)), q the student's distribution collapsed onto the "
+        "teacher's top-k ids plus a rest bucket, loss -log sigmoid(R+ - R-) (their recipe uses "
+        "gamma 1; alpha and the potential are not used, the reference only reports rewards/*).",
+    )
     beta: float = _field(0.1, "DPO temperature beta on the policy/reference log-ratio.")
     alpha: float = _field(
         0.1,
@@ -354,6 +367,12 @@ class LossConfig:
     potential_normalize: bool = _field(
         False, "Use log_softmax of the teacher logits instead of raw logits in soft_value."
     )
+    potential_support: Literal["vocab", "top_k"] = _field(
+        "vocab",
+        "What soft_value sums over: the whole vocabulary, or the teacher's teacher.top_k most "
+        "likely tokens plus one rest bucket (the TVKD authors' code; needs potential_normalize). "
+        "With q_scale 0.7 and tau 1 this is their bounded teacher-only soft value.",
+    )
     center_potentials: bool = _field(
         True, "Subtract each sequence's prompt-state potential Phi(s_1) from its potentials."
     )
@@ -380,6 +399,12 @@ class LossConfig:
             "loss.q_scale",
             "equal to loss.tau with loss.potential_normalize makes every soft_value potential 0 "
             "(TVKD would be plain DPO); change one of them",
+        )
+        _require(
+            self.potential_support == "vocab" or self.potential_normalize,
+            "loss.potential_support",
+            "top_k sums probabilities into a rest bucket, so it needs "
+            "loss.potential_normalize=true",
         )
         _require(self.bc_weight >= 0, "loss.bc_weight", "must be >= 0")
         _require(self.kd_weight >= 0, "loss.kd_weight", "must be >= 0")
@@ -509,6 +534,12 @@ class TVKDConfig:
                 "teacher.model",
                 "run.stage=tvkd needs a teacher model (or use run.stage=dpo)",
             )
+        _require(
+            not (self.loss.objective == "release" and stage != "tvkd"),
+            "loss.objective",
+            f"release scores the student on the teacher's top-k, so run.stage must be tvkd "
+            f"(got {stage})",
+        )
         if self.uses_teacher and self.loss.potential == "implicit_reward":
             _require(
                 bool(self.teacher.ref_model),
@@ -552,8 +583,11 @@ class TVKDConfig:
 
     @property
     def uses_teacher(self) -> bool:
-        """Whether teacher actors run: TVKD with a shaping or KD term."""
-        return self.run.stage == "tvkd" and (self.loss.alpha > 0 or self.loss.kd_weight > 0)
+        """Whether teacher actors run: TVKD with a shaping or KD term, or the release objective."""
+        loss = self.loss
+        return self.run.stage == "tvkd" and (
+            loss.alpha > 0 or loss.kd_weight > 0 or loss.objective == "release"
+        )
 
     @property
     def uses_reference(self) -> bool:

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# Lower bound of the "rest" probability in kd_loss: 1 − Σ top-k can round to ≤ 0 in float32.
-_MIN_REST_PROB = 1e-6
+from tvkd_ray.potentials import with_rest_bucket
+
 # A margin within TIE_RTOL · β · (|log π_θ(y⁺)| + |log π_θ(y⁻)| + |log π_ref(y⁺)| + |log π_ref(y⁻)|)
 # of 0 is a tie, never a win: equal models scoring the same pair in batches of other shapes
 # differ by float rounding, measured at ≤ 6.4e-8 of that sum on CPU (docs/RELIABILITY.md);
@@ -110,6 +110,65 @@ def tvkd_loss(
     )
 
 
+def release_returns(
+    token_logps: torch.Tensor,
+    topk_logps: torch.Tensor,
+    in_topk: torch.Tensor,
+    rows: torch.Tensor,
+    n_rows: int,
+    *,
+    gamma: float,
+) -> torch.Tensor:
+    """The released TVKD recipe's return R(y) = Σ_t [log q̂_θ(y_t|s_t) − γ · H(q̂_θ(·|s_{t+1}))]
+    per row, ``[n_rows]``, differentiable (the entropy too).
+
+    q̂_θ(·|s) is the student's distribution collapsed onto the teacher's top-k ids at s plus one
+    rest bucket; a response token outside the teacher's top-k takes the rest bucket's log-prob.
+    The entropy is of the next response state in the same row; after a row's last token (the
+    terminal state) it is 0. Inputs are flat over the response tokens, row-major: the student's
+    log-prob of each token ``[N]``, its log-probs of the teacher's top-k ids there ``[N, k]``,
+    whether the token is one of them ``[N]`` and the token's row ``[N]``.
+    """
+    collapsed = with_rest_bucket(topk_logps.float())
+    log_q = torch.where(in_topk, token_logps.float(), collapsed[:, -1])
+    entropy = -(collapsed.exp() * collapsed).sum(dim=-1)
+    same_row = rows[1:] == rows[:-1]
+    next_entropy = F.pad(torch.where(same_row, entropy[1:], 0.0), (0, 1))
+    per_token = log_q - gamma * next_entropy
+    return torch.zeros(n_rows, dtype=per_token.dtype, device=per_token.device).index_add(
+        0, rows, per_token
+    )
+
+
+def release_loss(
+    chosen_returns: torch.Tensor,
+    rejected_returns: torch.Tensor,
+    *,
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    tie_tolerance: torch.Tensor,
+    label_smoothing: float = 0.0,
+) -> TVKDLossOutput:
+    """−log σ(R⁺ − R⁻) of the released recipe on ``[B]`` returns (reference-free, no β).
+
+    ``chosen_rewards``/``rejected_rewards`` (β-scaled policy/reference log-ratios) are only
+    reported, so that runs of both objectives share one held-out accuracy; the returns go in
+    the ``*_shaping`` fields and their difference is the loss's margin.
+    """
+    margins = chosen_returns - rejected_returns
+    eps = label_smoothing
+    losses = -(1.0 - eps) * F.logsigmoid(margins) - eps * F.logsigmoid(-margins)
+    return TVKDLossOutput(
+        loss=losses.mean(),
+        chosen_rewards=chosen_rewards.detach(),
+        rejected_rewards=rejected_rewards.detach(),
+        chosen_shaping=chosen_returns.detach(),
+        rejected_shaping=rejected_returns.detach(),
+        margins=margins.detach(),
+        tie_tolerance=tie_tolerance,
+    )
+
+
 def bc_loss(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Behaviour cloning: mean negative log-prob over the masked tokens (0 if none)."""
     total = torch.where(mask, token_logps, 0.0).sum()
@@ -127,8 +186,8 @@ def kd_loss(
     averaged over the positions ``[...]``, or over those where ``mask`` is true (0 if none).
     Only the student gets gradients.
     """
-    teacher = _with_rest_bucket(teacher_topk_logps.detach().float())
-    student = _with_rest_bucket(student_topk_logps.float())
+    teacher = with_rest_bucket(teacher_topk_logps.detach().float())
+    student = with_rest_bucket(student_topk_logps.float())
     kl = (teacher.exp() * (teacher - student)).sum(dim=-1)
     if mask is None:
         return kl.mean()
@@ -182,9 +241,3 @@ def preference_metrics(
         count = masks.chosen.sum() + masks.rejected.sum()
         metrics["tvkd/potential_mean"] = (total / count.clamp(min=1)).item()
     return metrics
-
-
-def _with_rest_bucket(topk_logps: torch.Tensor) -> torch.Tensor:
-    # log(1 − Σ exp(topk)) = log(−expm1(logsumexp(topk))), clamped away from 0.
-    rest = -torch.expm1(topk_logps.logsumexp(dim=-1, keepdim=True))
-    return torch.cat([topk_logps, rest.clamp(min=_MIN_REST_PROB).log()], dim=-1)

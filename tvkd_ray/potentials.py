@@ -19,19 +19,36 @@ import torch.nn.functional as F
 from torch import nn
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
+# Floor of a "rest" bucket's probability: 1 − Σ top-k can round to ≤ 0 in float32.
+MIN_REST_PROB = 1e-6
 
 
 def soft_value(
-    logits: torch.Tensor, tau: float = 1.0, q_scale: float = 1.0, normalize: bool = False
+    logits: torch.Tensor,
+    tau: float = 1.0,
+    q_scale: float = 1.0,
+    normalize: bool = False,
+    top_k: int = 0,
 ) -> torch.Tensor:
     """Soft value Φ = τ · logsumexp(q · z̃ / τ) over the last axis, in float32.
 
-    z̃ is the raw logits, or ``log_softmax(logits)`` when ``normalize`` is true.
+    z̃ is the raw logits, or ``log_softmax(logits)`` when ``normalize`` is true. ``top_k > 0``
+    (with ``normalize``) sums over the k most likely tokens plus one "rest" bucket holding the
+    remaining probability, as the TVKD authors' code does: Φ = τ · log(Σ_topk π^(q/τ) + rest^(q/τ)).
     """
     z = logits.float()
     if normalize:
         z = torch.log_softmax(z, dim=-1)
+    if top_k > 0:
+        z = with_rest_bucket(z.topk(top_k, dim=-1).values)
     return tau * torch.logsumexp(z * (q_scale / tau), dim=-1)
+
+
+def with_rest_bucket(topk_logps: torch.Tensor) -> torch.Tensor:
+    """``[..., k]`` log-probs → ``[..., k + 1]``: one more bucket with the probability the k do
+    not hold, log(1 − Σ exp(topk)), floored at ``MIN_REST_PROB`` (rounding can make it 0)."""
+    rest = -torch.expm1(topk_logps.logsumexp(dim=-1, keepdim=True))
+    return torch.cat([topk_logps, rest.clamp(min=MIN_REST_PROB).log()], dim=-1)
 
 
 def soft_value_from_hidden(
@@ -41,12 +58,13 @@ def soft_value_from_hidden(
     tau: float = 1.0,
     q_scale: float = 1.0,
     normalize: bool = False,
+    top_k: int = 0,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """``soft_value`` of the logits of ``hidden [N, H]``, chunked over N: ``[N]`` float32."""
     return torch.cat(
         [
-            soft_value(logits, tau=tau, q_scale=q_scale, normalize=normalize)
+            soft_value(logits, tau=tau, q_scale=q_scale, normalize=normalize, top_k=top_k)
             for logits in _logit_chunks(hidden, lm_head, chunk_size)
         ]
     )

@@ -20,6 +20,7 @@ PROMPT_IDS, CHOSEN_IDS, REJECTED_IDS = "prompt_ids", "chosen_ids", "rejected_ids
 PROMPT_TRUNCATED, RESPONSE_TRUNCATED = "prompt_truncated", "response_truncated"
 CHOSEN_POTENTIALS, REJECTED_POTENTIALS = "chosen_potentials", "rejected_potentials"
 CHOSEN_TOPK_IDS, CHOSEN_TOPK_LOGPS = "chosen_topk_ids", "chosen_topk_logps"
+REJECTED_TOPK_IDS = "rejected_topk_ids"
 REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS = "ref_chosen_logps", "ref_rejected_logps"
 TEACHER_S, REFERENCE_S = "teacher_s", "reference_s"
 PROMPT_TEXT, CHOSEN_TEXT, REJECTED_TEXT = "prompt_text", "chosen_text", "rejected_text"
@@ -84,13 +85,20 @@ TEACHER_KD = _schema(
     (CHOSEN_TOPK_IDS, _IDS, "teacher's top-k ids, k per chosen response token, flattened"),
     (CHOSEN_TOPK_LOGPS, _FLOATS, "their teacher log-probs, same layout"),
 )
+TEACHER_RELEASE = _schema(
+    (
+        REJECTED_TOPK_IDS,
+        _IDS,
+        "teacher's top-k ids per rejected response token (loss.objective=release)",
+    ),
+)
 REFERENCE = _schema(
     (REF_CHOSEN_LOGPS, pa.float32(), "reference sequence log-prob of the chosen response"),
     (REF_REJECTED_LOGPS, pa.float32(), "same for rejected"),
     (REFERENCE_S, pa.float32(), "reference actor seconds per pair"),
 )
 # What the trainers receive from the teacher, counted as its payload (SPEC §7).
-TEACHER_PAYLOAD = (*TEACHER.names, *TEACHER_KD.names)
+TEACHER_PAYLOAD = (*TEACHER.names, *TEACHER_KD.names, *TEACHER_RELEASE.names)
 POTENTIALS = (CHOSEN_POTENTIALS, REJECTED_POTENTIALS)
 REF_LOGPS = (REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS)
 TEXTS = (PROMPT, CHOSEN, REJECTED)
@@ -98,10 +106,17 @@ TOKEN_IDS = (PROMPT_IDS, CHOSEN_IDS, REJECTED_IDS)  # the tokens of each of TEXT
 TIMINGS = (TEACHER_S, REFERENCE_S)
 
 
-def scored(*, teacher: bool, kd: bool, reference: bool) -> pa.Schema:
-    """The schema of the rows a trainer receives in a run with these pools."""
+def scored(*, teacher: bool, topk: bool, release: bool, reference: bool) -> pa.Schema:
+    """The schema of the rows a trainer receives in a run with these pools: ``topk`` when the
+    teacher streams its top-k on the chosen responses, ``release`` on the rejected ones too."""
     fields = list(TOKENIZED)
-    for present, part in ((teacher, TEACHER), (kd, TEACHER_KD), (reference, REFERENCE)):
+    parts = (
+        (teacher, TEACHER),
+        (topk, TEACHER_KD),
+        (release, TEACHER_RELEASE),
+        (reference, REFERENCE),
+    )
+    for present, part in parts:
         fields += list(part) if present else []
     return pa.schema(fields)
 
@@ -110,7 +125,11 @@ def placeholder(schema: pa.Schema, pad_id: int, top_k: int) -> pa.Table:
     """One pair of ``schema`` with a one-token prompt and responses (pad tokens, zero values):
     a worker whose shard ran dry runs it with weight 0 to join the model's collectives (DDP's
     gradient all-reduce in training, its buffer broadcast in evaluation)."""
-    per_token = {CHOSEN_TOPK_IDS: [pad_id] * top_k, CHOSEN_TOPK_LOGPS: [-1.0] * top_k}
+    per_token = {
+        CHOSEN_TOPK_IDS: [pad_id] * top_k,
+        CHOSEN_TOPK_LOGPS: [-1.0] * top_k,
+        REJECTED_TOPK_IDS: [pad_id] * top_k,
+    }
     values = {}
     for f in schema:
         if f.name == PAIR_ID:

@@ -15,7 +15,15 @@ from tvkd_ray import schema
 from tvkd_ray.config import TVKDConfig
 from tvkd_ray.data import PairBatch, collate
 from tvkd_ray.forward import autocast, row_sums
-from tvkd_ray.loss import bc_loss, kd_loss, preference_metrics, tvkd_loss
+from tvkd_ray.loss import (
+    bc_loss,
+    kd_loss,
+    preference_metrics,
+    release_loss,
+    release_returns,
+    tie_tolerance,
+    tvkd_loss,
+)
 
 
 @dataclass(frozen=True)
@@ -23,6 +31,7 @@ class Objective:
     """What the student minimises, resolved once from the config."""
 
     stage: str
+    kind: str  # loss.objective: tvkd (DPO + shaping) or release (the released recipe)
     beta: float
     alpha: float  # 0 unless teacher actors run (run.stage dpo is plain DPO)
     gamma: float
@@ -30,21 +39,23 @@ class Objective:
     center: bool
     bc_weight: float
     kd_weight: float
-    top_k: int  # teacher top-k ids per chosen token, 0 without KD
+    top_k: int  # teacher top-k ids per response token (chosen for KD, both for release), or 0
 
     @classmethod
     def from_config(cls, cfg: TVKDConfig) -> Objective:
         loss = cfg.loss
+        release = cfg.run.stage == "tvkd" and loss.objective == "release"
         return cls(
             stage=cfg.run.stage,
+            kind="release" if release else "tvkd",
             beta=loss.beta,
-            alpha=loss.alpha if cfg.uses_teacher else 0.0,
+            alpha=loss.alpha if cfg.uses_teacher and not release else 0.0,
             gamma=loss.gamma,
             label_smoothing=loss.label_smoothing,
             center=loss.center_potentials,
             bc_weight=loss.bc_weight,
             kd_weight=loss.kd_weight,
-            top_k=cfg.teacher.top_k if loss.kd_weight > 0 else 0,
+            top_k=cfg.teacher.top_k if loss.kd_weight > 0 or release else 0,
         )
 
 
@@ -89,7 +100,7 @@ class StudentStep:
         if self.objective.stage == "sft":
             return self._sft(batch)
         o = self.objective
-        topk_ids = self._teacher_topk(table, schema.CHOSEN_TOPK_IDS) if o.top_k else None
+        topk_ids = self._topk_ids(table)
         logps, topk_logps = self._forward(
             batch.input_ids, batch.attention_mask, batch.response_mask, topk_ids
         )
@@ -97,28 +108,31 @@ class StudentStep:
         policy = batch.sides(row_sums(logps, batch.response_mask))
         reference = batch.sides(batch.ref_logps)
         potentials = None if batch.potentials is None else batch.sides(batch.potentials)
-        out = tvkd_loss(
-            policy_chosen_logps=policy.chosen,
-            policy_rejected_logps=policy.rejected,
-            ref_chosen_logps=reference.chosen,
-            ref_rejected_logps=reference.rejected,
-            chosen_potentials=None if potentials is None else potentials.chosen,
-            rejected_potentials=None if potentials is None else potentials.rejected,
-            chosen_mask=masks.chosen,
-            rejected_mask=masks.rejected,
-            beta=o.beta,
-            alpha=o.alpha,
-            gamma=o.gamma,
-            label_smoothing=o.label_smoothing,
-            center=o.center,
-        )
+        if o.kind == "release":
+            out = self._release(batch, logps, topk_ids, topk_logps, policy, reference)
+        else:
+            out = tvkd_loss(
+                policy_chosen_logps=policy.chosen,
+                policy_rejected_logps=policy.rejected,
+                ref_chosen_logps=reference.chosen,
+                ref_rejected_logps=reference.rejected,
+                chosen_potentials=None if potentials is None else potentials.chosen,
+                rejected_potentials=None if potentials is None else potentials.rejected,
+                chosen_mask=masks.chosen,
+                rejected_mask=masks.rejected,
+                beta=o.beta,
+                alpha=o.alpha,
+                gamma=o.gamma,
+                label_smoothing=o.label_smoothing,
+                center=o.center,
+            )
         loss = out.loss
         if o.bc_weight > 0:
             per_token = batch.sides(_per_position(logps, batch.response_mask)).chosen
             loss = loss + o.bc_weight * bc_loss(per_token, masks.chosen)
-        if topk_logps is not None:
+        if o.kd_weight > 0:
             teacher = self._teacher_topk(table, schema.CHOSEN_TOPK_LOGPS)
-            loss = loss + o.kd_weight * kd_loss(topk_logps, teacher)
+            loss = loss + o.kd_weight * kd_loss(topk_logps[: teacher.shape[0]], teacher)
         metrics = preference_metrics(out, policy_logps=policy, potentials=potentials, masks=masks)
         metrics["loss"] = loss.item()
         sums = self._counts(table, batch, teacher_payload=potentials is not None)
@@ -145,10 +159,40 @@ class StudentStep:
             "logps/chosen": row_sums(logps, mask).detach().sum().item(),
         }
 
+    def _topk_ids(self, table: pa.Table) -> torch.Tensor | None:
+        """The teacher's top-k ids the student is scored at: ``[chosen tokens, k]`` for KD, and
+        ``[response tokens, k]`` (chosen rows first, as in the batch) for release."""
+        if not self.objective.top_k:
+            return None
+        chosen = self._teacher_topk(table, schema.CHOSEN_TOPK_IDS)
+        if self.objective.kind != "release":
+            return chosen
+        return torch.cat([chosen, self._teacher_topk(table, schema.REJECTED_TOPK_IDS)])
+
+    def _release(self, batch, logps, topk_ids, topk_logps, policy, reference):
+        """The released recipe's loss on this batch (``tvkd_ray.loss.release_returns``)."""
+        o, mask = self.objective, batch.response_mask
+        targets = batch.input_ids[mask]
+        rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
+        in_topk = (topk_ids == targets[:, None]).any(dim=-1)
+        returns = batch.sides(
+            release_returns(logps, topk_logps, in_topk, rows, mask.shape[0], gamma=o.gamma)
+        )
+        return release_loss(
+            returns.chosen,
+            returns.rejected,
+            chosen_rewards=o.beta * (policy.chosen - reference.chosen),
+            rejected_rewards=o.beta * (policy.rejected - reference.rejected),
+            tie_tolerance=tie_tolerance(
+                o.beta, policy.chosen, policy.rejected, reference.chosen, reference.rejected
+            ),
+            label_smoothing=o.label_smoothing,
+        )
+
     def _teacher_topk(self, table: pa.Table, column: str) -> torch.Tensor:
-        """A teacher top-k column as ``[chosen response tokens, k]``."""
+        """A teacher top-k column as ``[that side's response tokens, k]``."""
         flat = np.concatenate(table.column(column).to_numpy(zero_copy_only=False))
-        values = flat.astype(np.int64) if column == schema.CHOSEN_TOPK_IDS else flat
+        values = flat if column == schema.CHOSEN_TOPK_LOGPS else flat.astype(np.int64)
         return torch.from_numpy(values.reshape(-1, self.objective.top_k)).to(self.device)
 
     @staticmethod

@@ -147,10 +147,12 @@ def run_tags(config: TVKDConfig) -> dict[str, str]:
         tags["tvkd.reference"] = config.reference.model or config.student.model
         tags["tvkd.cache.reference"] = config.reference.cache
     if config.uses_teacher:
+        tags["tvkd.objective"] = loss.objective
+        tags["tvkd.cache.teacher"] = config.teacher.cache
+    if config.uses_teacher and loss.objective == "tvkd":
         tags["tvkd.potential"] = loss.potential
         # With centred potentials α and γ act only through this product (docs/CONFIG.md).
         tags["tvkd.alpha_one_minus_gamma"] = f"{loss.alpha * (1.0 - loss.gamma):.6g}"
-        tags["tvkd.cache.teacher"] = config.teacher.cache
     tags["mlflow.note.content"] = describe(config)
     return tags
 
@@ -161,6 +163,14 @@ def describe(config: TVKDConfig) -> str:
     reference = config.reference.model or student
     if config.run.stage == "sft":
         what = f"**SFT** of `{student}`: behaviour cloning on the chosen responses."
+    elif config.uses_teacher and loss.objective == "release":
+        what = (
+            f"**TVKD, released recipe**: student `{student}` scored on teacher "
+            f"`{config.teacher.model}`'s top-{config.teacher.top_k} ids, per token "
+            f"log q̂(y_t) − γ·H(q̂(·|s_t+1)) with γ = {loss.gamma}, reference-free (the reference "
+            f"`{reference}` only reports rewards/*). Scores cached: teacher "
+            f"`{config.teacher.cache}`, reference `{config.reference.cache}`."
+        )
     elif config.uses_teacher:
         what = (
             f"**TVKD** distillation of teacher `{config.teacher.model}` into student `{student}`: "

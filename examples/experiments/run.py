@@ -30,7 +30,6 @@ import argparse
 import concurrent.futures
 import gzip
 import json
-import math
 import os
 import shutil
 import statistics
@@ -45,6 +44,7 @@ HERE = Path(__file__).resolve().parent
 HH_FILE = REPO.parent / "shared" / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"
 BUNDLED = REPO / "examples" / "data" / "bundled"
 TRAIN_LINES = 1800  # the fixed split of the issue: first 1,800 train, last 200 test
+SFT, STUDENT = HERE / "hh_student_sft.yaml", HERE / "hh_student.yaml"  # the students' configs
 EVAL_KEYS = ("eval/rewards/accuracies", "eval/rewards/margins", "eval/loss")
 sys.path.insert(0, str(REPO))  # run as a script from a checkout
 
@@ -60,7 +60,6 @@ class Plan:
     test_pairs: int  # test-split pairs evaluated (the last ones of the file)
     teacher_epochs: int
     student_epochs: int
-    eval_points: int  # evaluations per student run after step 0
     bundled_pairs: int  # bundled training pairs (its eval file is used whole)
 
 
@@ -70,7 +69,6 @@ FULL = Plan(
     test_pairs=200,
     teacher_epochs=1,
     student_epochs=1,
-    eval_points=2,
     bundled_pairs=256,
 )
 SMOKE = Plan(
@@ -79,7 +77,6 @@ SMOKE = Plan(
     test_pairs=16,
     teacher_epochs=1,
     student_epochs=1,
-    eval_points=1,
     bundled_pairs=16,
 )
 
@@ -123,7 +120,7 @@ def split_data(out: Path, plan: Plan) -> dict[str, Path]:
     return {
         "hh_teacher": write_lines(out / "data" / "hh_teacher.jsonl", train[: plan.teacher_pairs]),
         "hh_train": write_lines(out / "data" / "hh_train.jsonl", train[: plan.pairs]),
-        "hh_test": write_lines(out / "data" / "hh_test.jsonl", test[-plan.test_pairs :]),
+        "hh_eval": write_lines(out / "data" / "hh_test.jsonl", test[-plan.test_pairs :]),
         "bundled_train": write_lines(
             out / "data" / "bundled_train.jsonl", bundled[: plan.bundled_pairs]
         ),
@@ -217,30 +214,48 @@ class Runner:
         return out
 
 
-def in_lanes(lanes: int, jobs: list) -> list:
-    """Run zero-argument callables ``lanes`` at a time; the first failure stops the experiment."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=lanes) as pool:
-        futures = [pool.submit(job) for job in jobs]
+class Lanes:
+    """Training runs ``lanes`` at a time, each started once the runs it comes after finished.
+
+    A run is added after the runs it waits for, so a started run never waits for one that has
+    not started (no deadlock). The first failure stops the experiment."""
+
+    def __init__(self, lanes: int):
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=lanes)
+        self.futures: dict[str, concurrent.futures.Future] = {}
+
+    def add(self, name: str, job, after: list[str] = ()) -> None:
+        waits = [self.futures[n] for n in after]
+
+        def run():
+            for wait in waits:
+                wait.result()  # re-raises that run's failure
+            return job()
+
+        self.futures[name] = self.pool.submit(run)
+
+    def results(self) -> dict[str, dict]:
         try:
-            return [f.result() for f in futures]
+            return {name: f.result() for name, f in self.futures.items()}
         except BaseException:
-            for f in futures:
+            for f in self.futures.values():
                 f.cancel()
             raise
+        finally:
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def student_runs(prefix: str, arms: dict, seeds: int, common: list[str], eval_every: int):
-    """(name, overrides) of every arm x seed; seed 0 of each teacher setting comes first so that
-    it alone fills that setting's cache entry."""
-    first, rest = [], []
+def student_runs(prefix: str, arms: dict, seeds: int, common: list[str]):
+    """(name, overrides, the run it waits for) of every arm x seed: the first run of each teacher
+    setting fills that setting's cache entry, and the others wait for it (None: it is first)."""
+    firsts, runs = {}, []
     for arm, overrides in arms.items():
         for seed in range(seeds):
-            run = (
-                f"{prefix}-{arm}-s{seed}",
-                [*common, *overrides, f"run.seed={seed}", f"train.eval_every={eval_every}"],
-            )
-            (first if seed == 0 else rest).append(run)
-    return first, rest
+            name = f"{prefix}-{arm}-s{seed}"
+            key = cache_key_of(overrides)
+            runs.append((name, [*common, *overrides, f"run.seed={seed}"], firsts.get(key)))
+            firsts.setdefault(key, name)
+    return runs
 
 
 def cache_key_of(overrides: list[str]) -> tuple:
@@ -412,7 +427,10 @@ def plot_shaping(path: Path, cache: Path, tokenizer_path: str, gamma: float, pai
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("~/tvkd-ray-outputs/experiment"))
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=5, help="seeds of each HH-RLHF arm")
+    parser.add_argument(
+        "--bundled-seeds", type=int, default=3, help="seeds of each bundled-data arm"
+    )
     parser.add_argument("--lanes", type=int, default=2, help="training runs at a time")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the plumbing")
     parser.add_argument("--docs", action="store_true", help="also write docs/results/")
@@ -452,73 +470,57 @@ def main() -> int:
     runner = Runner(out, [p.resolve() for p in args.extra_eval])
     cache = out / "teacher-cache"
 
-    # Stage 1 and 2 side by side: the teacher's DPO and the student's SFT do not depend on each
-    # other (the student starts from the untrained SmolLM2's first layers).
-    def hh_teacher():
-        return runner.train(
+    # The teacher's DPO takes longest: everything that does not need it (the students' SFT, the
+    # DPO arms, the bundled arms with the untrained teacher) runs in the other lane meanwhile.
+    lanes = Lanes(args.lanes)
+    lanes.add(
+        "hh-teacher-dpo",
+        lambda: runner.train(
             "hh-teacher-dpo",
             HERE / "hh_teacher_dpo.yaml",
             [
                 f"data.train_path={data['hh_teacher']}",
-                f"data.eval_path={data['hh_test']}",
+                f"data.eval_path={data['hh_eval']}",
                 f"train.epochs={plan.teacher_epochs}",
             ],
             keep_model=True,
-        )
-
-    def sft(name: str, train: Path, evaluation: Path):
-        return lambda: runner.train(
-            name,
-            HERE / "hh_student_sft.yaml",
-            [f"data.train_path={train}", f"data.eval_path={evaluation}"],
-            keep_model=True,
-        )
-
-    teacher, _, _ = in_lanes(
-        args.lanes,
-        [
-            hh_teacher,
-            sft("hh-student-sft", data["hh_train"], data["hh_test"]),
-            sft("bundled-student-sft", data["bundled_train"], data["bundled_eval"]),
-        ],
+        ),
     )
+    for prefix in ("hh", "bundled"):
+        name = f"{prefix}-student-sft"
+        train, evaluation = data[f"{prefix}_train"], data[f"{prefix}_eval"]
+        overrides = [f"data.train_path={train}", f"data.eval_path={evaluation}"]
+        lanes.add(name, lambda n=name, o=overrides: runner.train(n, SFT, o, keep_model=True))
     teacher_model = runner.runs / "hh-teacher-dpo" / "model"
-    student_eval_every = max(1, math.ceil(plan.pairs / 8) * plan.student_epochs // plan.eval_points)
-
-    def arm_runs(prefix: str, arms: dict, teacher_path: str, train: Path, evaluation: Path):
+    settings = {
+        "hh": (hh_arms, args.seeds, str(teacher_model)),
+        "bundled": (bundled_arms, args.bundled_seeds, "smollm2-135m-instruct"),
+    }
+    planned = []
+    for prefix, (arms, seeds, teacher_path) in settings.items():
         common = [
             f"student.model={runner.runs / f'{prefix}-student-sft' / 'model'}",
             f"teacher.model={teacher_path}",
             f"teacher.cache={cache / prefix}",
             f"reference.cache={cache / prefix}",  # the same entries: one per teacher setting
-            f"data.train_path={train}",
-            f"data.eval_path={evaluation}",
+            f"data.train_path={data[f'{prefix}_train']}",
+            f"data.eval_path={data[f'{prefix}_eval']}",
             f"train.epochs={plan.student_epochs}",
         ]
-        return student_runs(prefix, arms, args.seeds, common, student_eval_every)
-
-    hh_first, hh_rest = arm_runs(
-        "hh", hh_arms, str(teacher_model), data["hh_train"], data["hh_test"]
-    )
-    b_first, b_rest = arm_runs(
-        "bundled",
-        bundled_arms,
-        "smollm2-135m-instruct",
-        data["bundled_train"],
-        data["bundled_eval"],
-    )
-
-    def job(name, overrides):
-        return lambda: runner.train(name, HERE / "hh_student.yaml", overrides, keep_model=False)
-
-    # Arms that share a cache entry must not fill it at the same time: one run per entry first.
-    first, later = [], []
-    seen_keys = set()
-    for name, overrides in hh_first + b_first:
-        key = (name.split("-")[0], cache_key_of(overrides))  # one cache folder per dataset
-        (later if key in seen_keys else first).append(job(name, overrides))
-        seen_keys.add(key)
-    results = in_lanes(args.lanes, first)
+        for name, overrides, first in student_runs(prefix, arms, seeds, common):
+            needs_teacher = prefix == "hh" and "run.stage=dpo" not in overrides
+            after = [f"{prefix}-student-sft"] + (["hh-teacher-dpo"] if needs_teacher else [])
+            # Runs sharing a cache entry wait for the one that fills it.
+            planned.append((needs_teacher, first is not None, name, overrides, after, first))
+    # Runs without the DPO teacher first; in each group, the runs that fill the cache entries.
+    for _, _, name, overrides, after, first in sorted(planned, key=lambda p: p[:2]):
+        lanes.add(
+            name,
+            lambda n=name, o=overrides: runner.train(n, STUDENT, o, keep_model=False),
+            after=after if first is None else [*after, first],
+        )
+    results = lanes.results()
+    teacher = results["hh-teacher-dpo"]
     signal = {
         "teacher_dpo_eval_accuracy": teacher["eval/rewards/accuracies"][-1][1],
         "teacher_dpo_eval_margin": teacher["eval/rewards/margins"][-1][1],
@@ -526,12 +528,12 @@ def main() -> int:
         "bundled": teacher_signal(cache / "bundled"),
     }
     log(f"teacher signal: {json.dumps(signal)}")
-    results += in_lanes(args.lanes, later + [job(n, o) for n, o in hh_rest + b_rest])
+    results = [r for name, r in results.items() if not name.endswith(("-sft", "-dpo"))]
 
     report = out / "report"
     report.mkdir(exist_ok=True)
     hh_rows = summarise(results, hh_arms, args.seeds, "hh")
-    b_rows = summarise(results, bundled_arms, args.seeds, "bundled")
+    b_rows = summarise(results, bundled_arms, args.bundled_seeds, "bundled")
     summary = {
         "plan": plan.__dict__,
         "seeds": args.seeds,
