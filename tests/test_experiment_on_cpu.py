@@ -58,31 +58,40 @@ def test_teacher_signal_compares_summed_centred_potentials(tmp_path):
     assert row["offset_per_alpha_median_abs"] == pytest.approx(0.05)
 
 
-def test_summaries_average_the_final_eval_over_seeds():
-    def run(name, accuracies):
-        steps = [0, 8, 16]
+def test_summaries_pair_each_arm_with_dpo_by_seed():
+    def run(name, accuracy, extra):
         return {
             "name": name,
-            "eval/rewards/accuracies": list(zip(steps, accuracies)),
-            "eval/rewards/margins": list(zip(steps, [0.0, 0.1, accuracies[-1]])),
-            "eval/loss": list(zip(steps, [0.69, 0.6, 0.5])),
+            "eval/rewards/accuracies": [(32, accuracy)],
+            "eval/rewards/margins": [(32, accuracy / 2)],
+            "eval/loss": [(32, 0.5)],
+            "extra_eval": {"holdout.jsonl": {"preference_accuracy": extra}},
         }
 
-    results = [
-        run("hh-dpo-s0", [0.0, 0.5, 0.6]),
-        run("hh-dpo-s1", [0.0, 0.5, 0.8]),
-        run("hh-tvkd-s0", [0.0, 0.6, 0.5]),
-        run("hh-tvkd-s1", [0.0, 0.4, 0.5]),
-    ]
-    rows = experiment.summarise(results, {"dpo": [], "tvkd": []}, seeds=2, prefix="hh")
+    seeds = [(0.6, 0.7, 0.5, 0.7), (0.8, 0.6, 0.7, 0.5), (0.7, 0.7, 0.6, 0.8)]
+    results = []
+    for s, (dpo, tvkd, dpo_extra, tvkd_extra) in enumerate(seeds):
+        results += [run(f"hh-dpo-s{s}", dpo, dpo_extra), run(f"hh-tvkd-s{s}", tvkd, tvkd_extra)]
+    rows = experiment.summarise(results, {"dpo": [], "tvkd": []}, seeds=3, prefix="hh")
     dpo, tvkd = rows
     assert dpo["eval/rewards/accuracies"]["mean"] == pytest.approx(0.7)
-    assert dpo["eval/rewards/accuracies"]["std"] == pytest.approx(0.1414, abs=1e-4)
-    assert tvkd["curve"] == {
-        "steps": [0, 8, 16],
-        "mean": pytest.approx([0.0, 0.5, 0.5]),
-        "min": [0.0, 0.4, 0.5],
-        "max": [0.0, 0.6, 0.5],
-    }
+    assert dpo["eval/rewards/accuracies"]["std"] == pytest.approx(0.1)
+    # Same-seed differences +0.1, −0.2, 0.0: one win, one loss, one tie.
+    vs = tvkd["vs_dpo"]
+    assert vs["diffs"] == pytest.approx([0.1, -0.2, 0.0])
+    assert vs["mean"] == pytest.approx(-1 / 30)
+    assert (vs["wins"], vs["losses"], vs["sign_test_p"]) == (1, 1, 1.0)
+    assert -0.2 - 1e-9 <= vs["ci95"][0] < vs["mean"] < vs["ci95"][1] <= 0.1 + 1e-9
+    assert dpo["vs_dpo"]["diffs"] == [0.0, 0.0, 0.0]
+    extra = tvkd["extra_eval"]["holdout.jsonl"]
+    assert extra["values"] == [0.7, 0.5, 0.8] and extra["vs_dpo"]["wins"] == 2
     table = experiment.markdown_table(rows)
-    assert "| tvkd | 0.500 ± 0.000 | -0.200 |" in table
+    assert "| tvkd | 0.667 ± 0.058 | -0.033 [" in table
+    assert "accuracy on holdout.jsonl (vs DPO) |" in table.splitlines()[0]
+    assert table.splitlines()[-1].endswith("| 0.667 ± 0.153 (+0.067) |")
+
+
+def test_sign_test_of_five_wins():
+    vs = experiment.paired([0.7] * 5, [0.6] * 5)
+    assert (vs["wins"], vs["losses"]) == (5, 0)
+    assert vs["sign_test_p"] == pytest.approx(2 / 32)  # two-sided: both all-win and all-loss

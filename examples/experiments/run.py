@@ -30,6 +30,7 @@ import argparse
 import concurrent.futures
 import gzip
 import json
+import math
 import os
 import shutil
 import statistics
@@ -264,14 +265,21 @@ def cache_key_of(overrides: list[str]) -> tuple:
     return tuple(sorted(o for o in overrides if not o.startswith(("loss.alpha=", "loss.gamma="))))
 
 
-def potential_spec(entry: Path) -> tuple[str, int] | None:
-    """(potential kind, top_k) of the teacher that scored a cache entry, from the teacher's spec
-    in its fingerprint; None for an entry no teacher scored."""
+def teacher_setting(entry: Path) -> dict | None:
+    """What the teacher that scored a cache entry computed, from the teacher's spec in its
+    fingerprint: ``potential`` (a label of the potential kind and its options) and ``streams``
+    (what else it sent: top-k for KD, both sides' top-k for release); None without a teacher."""
     parts = json.loads((entry / "_fingerprint.json").read_text())
     if "teacher" not in parts:
         return None
     spec = json.loads(parts["teacher"])
-    return spec["potential"], spec["top_k"]
+    label = spec["potential"]
+    if spec.get("normalize"):
+        label += f" normalised, q {spec['q_scale']}"
+    if spec.get("support_top_k"):
+        label += f", top-{spec['support_top_k']} + rest"
+    streams = "release top-k" if spec.get("rejected_top_k") else "KD top-k" if spec["top_k"] else ""
+    return {"potential": label, "streams": streams}
 
 
 def teacher_signal(cache: Path, gamma: float = 0.9) -> list[dict]:
@@ -282,10 +290,9 @@ def teacher_signal(cache: Path, gamma: float = 0.9) -> list[dict]:
 
     rows = []
     for entry in sorted(cache.glob("eval-*")):
-        teacher = potential_spec(entry)
+        teacher = teacher_setting(entry)
         if teacher is None:
             continue
-        kind, top_k = teacher
         table = pq.read_table(entry / "data")
         sums, means = {}, {}
         for side in ("chosen", "rejected"):
@@ -298,8 +305,7 @@ def teacher_signal(cache: Path, gamma: float = 0.9) -> list[dict]:
         diff = sums["chosen"] - sums["rejected"]
         rows.append(
             {
-                "potential": kind,
-                "top_k": bool(top_k),
+                **teacher,
                 "pairs": table.num_rows,
                 "chosen_larger_sum": float(np.mean(diff > 0)),
                 "ties": float(np.mean(diff == 0)),
@@ -315,50 +321,126 @@ def teacher_signal(cache: Path, gamma: float = 0.9) -> list[dict]:
     return rows
 
 
+def paired(values: list[float], baseline: list[float], resamples: int = 10_000) -> dict:
+    """Per-seed differences against the baseline's runs of the same seed (same data order):
+    their mean, a 95 % bootstrap interval of the mean, wins/losses and a two-sided sign test."""
+    import numpy as np
+
+    diffs = np.asarray(values) - np.asarray(baseline)
+    rng = np.random.default_rng(0)
+    means = rng.choice(diffs, size=(resamples, len(diffs))).mean(axis=1)
+    wins, losses = int((diffs > 0).sum()), int((diffs < 0).sum())
+    n, k = wins + losses, min(wins, losses)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n if n else 1.0
+    return {
+        "diffs": diffs.round(6).tolist(),
+        "mean": float(diffs.mean()),
+        "ci95": [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))],
+        "wins": wins,
+        "losses": losses,
+        "sign_test_p": min(1.0, 2 * tail),
+    }
+
+
+def support_difference(teacher_dir: str, pairs: Path, n: int = 64) -> dict:
+    """The bounded soft value (τ 1, q 0.7 on log-probs) over the whole vocabulary against the
+    TVKD authors' top-50 + rest, both from one teacher on the first ``n`` pairs of a file: the
+    per-token values, and whether the summed centred offsets still rank the pairs alike."""
+    import numpy as np
+
+    from actors.teacher import TeacherPotentials, TeacherSpec
+    from tvkd_ray.config import load_config
+    from tvkd_ray.data import load_pairs, tokenize_batch
+    from tvkd_ray.models import load_tokenizer
+
+    lengths = load_config(STUDENT, [f"teacher.model={teacher_dir}"]).data
+    tokens = tokenize_batch(
+        load_pairs(pairs, on_invalid="skip").table.slice(0, n),
+        load_tokenizer(teacher_dir),
+        max_length=lengths.max_length,
+        max_prompt_length=lengths.max_prompt_length,
+    )
+    phi, offsets = {}, {}
+    for support, k in (("vocab", 0), ("top50", 50)):
+        spec = TeacherSpec(teacher_dir, dtype="float32", normalize=True, q_scale=0.7,
+                           support_top_k=k)  # fmt: skip
+        out = TeacherPotentials(spec)(tokens)
+        sides = [[np.asarray(p) for p in out[c].to_pylist()] for c in schema.POTENTIALS]
+        phi[support] = np.concatenate([p for side in sides for p in side])
+        chosen, rejected = ([(p - p[0]).sum() for p in side] for side in sides)
+        offsets[support] = np.asarray(chosen) - np.asarray(rejected)
+    return {
+        "pairs": tokens.num_rows,
+        "tokens": int(phi["vocab"].size),
+        "phi_mean": {k: float(v.mean()) for k, v in phi.items()},
+        "phi_mean_abs_difference": float(np.abs(phi["vocab"] - phi["top50"]).mean()),
+        "phi_correlation": float(np.corrcoef(phi["vocab"], phi["top50"])[0, 1]),
+        "offset_median_abs": {k: float(np.median(np.abs(v))) for k, v in offsets.items()},
+        "offset_same_sign": float(np.mean(np.sign(offsets["vocab"]) == np.sign(offsets["top50"]))),
+    }
+
+
 def summarise(results: list[dict], arms: dict, seeds: int, prefix: str) -> list[dict]:
-    """Mean ± std over seeds of the final eval metrics, per arm (sample std)."""
+    """Per arm: mean ± std over seeds (sample std) of the final eval metrics and of each extra
+    file's accuracy, and the accuracies paired by seed against DPO."""
     by_name = {r["name"]: r for r in results}
+    runs = {arm: [by_name[f"{prefix}-{arm}-s{s}"] for s in range(seeds)] for arm in arms}
+
+    def spread(values):
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        return {"mean": statistics.fmean(values), "std": std, "values": values}
+
+    def accuracies(arm, where=None):
+        if where is None:
+            return [r["eval/rewards/accuracies"][-1][1] for r in runs[arm]]
+        return [r["extra_eval"][where]["preference_accuracy"] for r in runs[arm]]
+
+    extra = sorted(runs["dpo"][0].get("extra_eval", {}))
     rows = []
     for arm in arms:
-        runs = [by_name[f"{prefix}-{arm}-s{s}"] for s in range(seeds)]
         row = {"arm": arm, "seeds": seeds}
         for key in EVAL_KEYS:
-            finals = [r[key][-1][1] for r in runs]
-            row[key] = {
-                "mean": statistics.fmean(finals),
-                "std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
-                "values": finals,
-            }
-        per_seed = [[v for _, v in r["eval/rewards/accuracies"]] for r in runs]
-        row["curve"] = {
-            "steps": [step for step, _ in runs[0]["eval/rewards/accuracies"]],
-            "mean": [statistics.fmean(values) for values in zip(*per_seed)],
-            "min": [min(values) for values in zip(*per_seed)],
-            "max": [max(values) for values in zip(*per_seed)],
-        }
+            row[key] = spread([r[key][-1][1] for r in runs[arm]])
+        row["vs_dpo"] = paired(accuracies(arm), accuracies("dpo"))
+        row["extra_eval"] = {
+            where: {**spread(accuracies(arm, where)), "vs_dpo": paired(accuracies(arm, where),
+                                                                       accuracies("dpo", where))}
+            for where in extra
+        }  # fmt: skip
         rows.append(row)
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """Final eval accuracy and margin, mean ± std over seeds, and the accuracy change against
-    plain DPO. (The eval loss of a TVKD arm includes its shaping offset: not comparable.)"""
+    """Final eval accuracy, the per-seed paired difference against DPO (mean, 95 % bootstrap
+    interval, wins-losses, sign test), the margin, and each extra file's accuracy. (The eval loss
+    of a TVKD arm includes its shaping offset: not comparable.)"""
+    extra = list(rows[0]["extra_eval"])
     lines = [
-        "| arm | eval preference accuracy | vs DPO | eval margin β·Δlog-ratio |",
-        "| --- | --- | --- | --- |",
+        "| arm | eval preference accuracy | vs DPO, paired by seed [95 % CI] "
+        "| wins–losses (sign p) | eval margin β·Δlog-ratio |"
+        + "".join(f" accuracy on {w} (vs DPO) |" for w in extra),
+        "| --- | --- | --- | --- | --- |" + " --- |" * len(extra),
     ]
-    dpo = next(r for r in rows if r["arm"] == "dpo")["eval/rewards/accuracies"]["mean"]
     for row in rows:
-        acc, margin = row["eval/rewards/accuracies"], row["eval/rewards/margins"]
-        lines.append(
-            f"| {row['arm']} | {acc['mean']:.3f} ± {acc['std']:.3f} | "
-            f"{acc['mean'] - dpo:+.3f} | {margin['mean']:.3f} ± {margin['std']:.3f} |"
-        )
+        acc, margin, vs = row["eval/rewards/accuracies"], row["eval/rewards/margins"], row["vs_dpo"]
+        cells = [
+            row["arm"],
+            f"{acc['mean']:.3f} ± {acc['std']:.3f}",
+            f"{vs['mean']:+.3f} [{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}]",
+            f"{vs['wins']}–{vs['losses']} ({vs['sign_test_p']:.2f})",
+            f"{margin['mean']:.3f} ± {margin['std']:.3f}",
+        ]
+        for where in extra:
+            e = row["extra_eval"][where]
+            cells.append(f"{e['mean']:.3f} ± {e['std']:.3f} ({e['vs_dpo']['mean']:+.3f})")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot_curves(path: Path, panels: list[tuple[str, list[dict]]]) -> None:
-    """Eval accuracy against step, mean over seeds with a min-max band, one panel per dataset."""
+def plot_paired(path: Path, panels: list[tuple[str, list[dict]]]) -> None:
+    """Each arm's per-seed accuracy difference against DPO (dots), their mean and 95 % bootstrap
+    interval (bar), one panel per dataset."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -366,18 +448,18 @@ def plot_curves(path: Path, panels: list[tuple[str, list[dict]]]) -> None:
 
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
     for ax, (title, rows) in zip(axes[0], panels, strict=True):
-        for row in rows:
-            curve = row["curve"]
-            style = "--" if row["arm"].startswith("dpo") else "-"
-            (line,) = ax.plot(curve["steps"], curve["mean"], style, label=row["arm"])
-            ax.fill_between(
-                curve["steps"], curve["min"], curve["max"], color=line.get_color(), alpha=0.12
-            )
+        arms = [r for r in rows if r["arm"] != "dpo"]
+        for i, row in enumerate(arms):
+            vs = row["vs_dpo"]
+            ax.scatter([i] * len(vs["diffs"]), vs["diffs"], s=14, alpha=0.6)
+            low, high = vs["ci95"]
+            ax.errorbar(i + 0.15, vs["mean"], yerr=[[vs["mean"] - low], [high - vs["mean"]]],
+                        fmt="o", color="black", capsize=3)  # fmt: skip
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xticks(range(len(arms)), [r["arm"] for r in arms], rotation=20, fontsize=8)
         ax.set_title(title)
-        ax.set_xlabel("optimiser step")
-        ax.set_ylabel("eval preference accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.set_ylabel("eval accuracy − DPO's, same seed")
+        ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -397,9 +479,10 @@ def plot_shaping(path: Path, cache: Path, tokenizer_path: str, gamma: float, pai
     tokenizer = load_tokenizer(tokenizer_path)
     entries = []
     for entry in sorted(cache.glob("eval-*")):
-        teacher = potential_spec(entry)
-        if teacher is not None and not teacher[1]:  # potentials without top-k: one per kind
-            entries.append((teacher[0], pq.read_table(entry / "data").sort_by(schema.PAIR_ID)))
+        teacher = teacher_setting(entry)
+        if teacher is not None and not teacher["streams"]:  # one entry per potential
+            table = pq.read_table(entry / "data").sort_by(schema.PAIR_ID)
+            entries.append((teacher["potential"], table))
     fig, axes = plt.subplots(
         pairs, len(entries), figsize=(7 * len(entries), 2.6 * pairs), squeeze=False
     )
@@ -467,6 +550,9 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.time()
     data = split_data(out, plan)
+    first_start = out / "started_at"  # the wall time counts from the first invocation
+    if not first_start.exists():
+        first_start.write_text(str(started))
     runner = Runner(out, [p.resolve() for p in args.extra_eval])
     cache = out / "teacher-cache"
 
@@ -527,6 +613,7 @@ def main() -> int:
         "hh": teacher_signal(cache / "hh"),
         "bundled": teacher_signal(cache / "bundled"),
     }
+    signal["bounded_support"] = support_difference(str(teacher_model), data["hh_eval"])
     log(f"teacher signal: {json.dumps(signal)}")
     results = [r for name, r in results.items() if not name.endswith(("-sft", "-dpo"))]
 
@@ -538,7 +625,8 @@ def main() -> int:
         "plan": plan.__dict__,
         "seeds": args.seeds,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "wall_seconds": round(time.time() - started),
+        "wall_seconds": round(time.time() - float(first_start.read_text())),
+        "run_seconds_total": round(sum(r["seconds"] for r in results)),
         "teacher_signal": signal,
         "hh": hh_rows,
         "bundled": b_rows,
@@ -551,8 +639,8 @@ def main() -> int:
         f"### Bundled eval set, against its ground truth\n\n{markdown_table(b_rows)}\n"
     )
     (report / "tables.md").write_text(tables)
-    plot_curves(
-        report / "eval_accuracy.png",
+    plot_paired(
+        report / "paired_accuracy.png",
         [("HH-RLHF harmless, test split", hh_rows), ("bundled, ground truth", b_rows)],
     )
     plot_shaping(report / "shaping_terms.png", cache / "hh", str(teacher_model), 0.9, pairs=3)
@@ -560,7 +648,7 @@ def main() -> int:
     if args.docs:
         target = REPO / "docs" / "results"
         target.mkdir(parents=True, exist_ok=True)
-        for name in ("experiment.json", "tables.md", "eval_accuracy.png", "shaping_terms.png"):
+        for name in ("experiment.json", "tables.md", "paired_accuracy.png", "shaping_terms.png"):
             shutil.copy(report / name, target / name)
     log(f"finished in {time.time() - started:.0f} s; report in {report}")
     return 0
