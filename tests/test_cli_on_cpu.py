@@ -105,6 +105,18 @@ def _catalogue(tmp: Path) -> list[tuple[list[str], str]]:
             "loss.kd_weight: top-k KD needs one vocabulary, but teacher tokenizer "
             "'smollm2-135m-instruct' and student tokenizer 'tiny-student' differ",
         ),
+        (
+            ["--teacher.model", "smollm2-135m-instruct", "--loss.objective", "release"],
+            "loss.objective: release scores the student on the teacher's top-k ids, which needs "
+            "one vocabulary, but teacher tokenizer 'smollm2-135m-instruct' and student",
+        ),
+        (["--loss.objective", "release", "--run.stage", "dpo"], "so run.stage must be tvkd"),
+        (["--loss.objective", "reinforce"], "loss.objective: must be one of tvkd | release"),
+        (
+            ["--loss.potential_support", "top_k"],
+            "loss.potential_support: top_k sums probabilities into a rest bucket, so it needs "
+            "loss.potential_normalize=true",
+        ),
         (["--reference.model", "smollm2-135m-instruct"], "must share one tokenizer"),
         # Both models score one rendered text: their chat templates must render it alike.
         (

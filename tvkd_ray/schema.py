@@ -154,7 +154,15 @@ def markdown() -> str:
             ALIGNMENT,
         ),
         ("Added by the teacher actors", TEACHER),
-        ("Added by the teacher actors when `loss.kd_weight > 0` (chosen side only)", TEACHER_KD),
+        (
+            "Added by the teacher actors when `loss.kd_weight > 0` or `loss.objective: release` "
+            "(chosen side)",
+            TEACHER_KD,
+        ),
+        (
+            "Added by the teacher actors when `loss.objective: release` (rejected side)",
+            TEACHER_RELEASE,
+        ),
         ("Added by the reference actors", REFERENCE),
     ]
     lines = []
