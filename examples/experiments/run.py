@@ -597,9 +597,11 @@ def main() -> int:
             needs_teacher = prefix == "hh" and "run.stage=dpo" not in overrides
             after = [f"{prefix}-student-sft"] + (["hh-teacher-dpo"] if needs_teacher else [])
             # Runs sharing a cache entry wait for the one that fills it.
-            planned.append((needs_teacher, first is not None, name, overrides, after, first))
-    # Runs without the DPO teacher first; in each group, the runs that fill the cache entries.
-    for _, _, name, overrides, after, first in sorted(planned, key=lambda p: p[:2]):
+            seed = int(name.rsplit("-s", 1)[1])
+            planned.append((needs_teacher, first is not None, seed, name, overrides, after, first))
+    # Runs without the DPO teacher first; in each group, the runs that fill the cache entries,
+    # then seed by seed, so that an experiment stopped early still has every arm at the same seeds.
+    for *_, name, overrides, after, first in sorted(planned, key=lambda p: p[:3]):
         lanes.add(
             name,
             lambda n=name, o=overrides: runner.train(n, STUDENT, o, keep_model=False),
