@@ -167,6 +167,20 @@ def test_soft_value_potentials_equal_direct_unpadded_computation(
         assert_lists_close(out.column(f"{side}_potentials"), expected[side])
 
 
+def test_bounded_soft_value_on_the_top_k_equals_direct_computation(
+    table, teacher_path, teacher_model
+):
+    """loss.potential_support=top_k: the teacher sums over its top-k plus a rest bucket."""
+    spec = TeacherSpec(teacher_path, normalize=True, q_scale=0.7, support_top_k=5)
+    out = TeacherPotentials(spec)(table)
+    settings = {"normalize": True, "q_scale": 0.7, "top_k": 5}
+    expected = direct_columns(
+        table, lambda p, r: direct_soft_value(teacher_model, p, r, **settings)
+    )
+    for side in ("chosen", "rejected"):
+        assert_lists_close(out.column(f"{side}_potentials"), expected[side])
+
+
 def test_implicit_reward_potentials_equal_direct_unpadded_computation(
     table, teacher_path, teacher_ref_path, teacher_model
 ):
