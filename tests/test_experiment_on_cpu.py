@@ -1,9 +1,10 @@
 """The quality experiment's bookkeeping (examples/experiments/run.py): the teacher-signal figures
-read from a teacher cache entry, and the per-arm summaries over seeds. The training runs it
-drives are the CLI's, tested elsewhere."""
+read from a teacher cache entry, the per-arm summaries paired by seed, the order runs start in
+and the extra evaluations. The training runs it drives are the CLI's, tested elsewhere."""
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -95,3 +96,65 @@ def test_sign_test_of_five_wins():
     vs = experiment.paired([0.7] * 5, [0.6] * 5)
     assert (vs["wins"], vs["losses"]) == (5, 0)
     assert vs["sign_test_p"] == pytest.approx(2 / 32)  # two-sided: both all-win and all-loss
+
+
+def test_lanes_start_a_run_only_after_the_runs_it_waits_for():
+    events = []
+
+    def job(name, seconds=0.0):
+        def run():
+            events.append(("start", name))
+            time.sleep(seconds)
+            events.append(("end", name))
+            return name
+
+        return run
+
+    lanes = experiment.Lanes(2)
+    lanes.add("teacher", job("teacher", 0.3))
+    lanes.add("sft", job("sft"))
+    lanes.add("dpo-s0", job("dpo-s0"), after=["sft"])
+    lanes.add("tvkd-s0", job("tvkd-s0"), after=["sft", "teacher"])
+    lanes.add("tvkd-s1", job("tvkd-s1"), after=["sft", "teacher", "tvkd-s0"])
+    assert lanes.results() == {n: n for n in ("teacher", "sft", "dpo-s0", "tvkd-s0", "tvkd-s1")}
+    # dpo-s0 did not wait for the teacher; the TVKD runs did, and s1 waited for s0.
+    assert events.index(("start", "dpo-s0")) < events.index(("end", "teacher"))
+    assert events.index(("end", "teacher")) < events.index(("start", "tvkd-s0"))
+    assert events.index(("end", "tvkd-s0")) < events.index(("start", "tvkd-s1"))
+
+
+def test_a_failed_run_stops_the_runs_that_wait_for_it():
+    ran = []
+
+    def fail():
+        raise RuntimeError("run teacher failed")
+
+    lanes = experiment.Lanes(2)
+    lanes.add("teacher", fail)
+    lanes.add("tvkd-s0", lambda: ran.append("tvkd-s0"), after=["teacher"])
+    with pytest.raises(RuntimeError, match="run teacher failed"):
+        lanes.results()
+    assert ran == []
+
+
+def test_extra_eval_scores_the_final_model_against_its_sft_start(tmp_path):
+    """``--extra-eval``: jobs/eval.py on the run's model, its reference the student's start,
+    with the run's β and lengths."""
+    from tvkd_ray.models import load_model, load_tokenizer, resolve_model
+
+    holdout = tmp_path / "holdout.jsonl"
+    rows = [{"prompt": "Q: 1+1?\nA:", "chosen": " 2", "rejected": " 3"}] * 3
+    holdout.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runner = experiment.Runner(tmp_path / "out", [holdout])
+    model_dir = runner.runs / "hh-dpo-s0" / "model"
+    load_model(resolve_model("tiny-student")).save_pretrained(model_dir)
+    load_tokenizer(resolve_model("tiny-student")).save_pretrained(model_dir)
+    start = resolve_model("tiny-student")
+    overrides = [f"student.model={start}", "teacher.model=tiny-teacher", "loss.beta=0.2"]
+    (scores,) = runner.score_extra("hh-dpo-s0", experiment.STUDENT, overrides).values()
+    # The model is its own start: every margin is 0, a tie, never a win.
+    assert scores["ref_model"] == start and scores["beta"] == 0.2
+    assert scores["preference_accuracy"] == 0.0 and scores["mean_margin"] == pytest.approx(0.0)
+    holdout.write_text("{not json\n")
+    with pytest.raises(RuntimeError, match="run hh-dpo-s0: jobs/eval.py on .*holdout.jsonl"):
+        runner.score_extra("hh-dpo-s0", experiment.STUDENT, overrides)
