@@ -137,16 +137,16 @@ def fit(config, train_dataset=None, eval_dataset=None) -> FitResult:
     uri = tracking.tracking_uri(cfg) if cfg.tracking.enabled else None
     if uri:
         tracking.check_reachable(uri)
-    tokenizer = inputs.check_tokenizers(cfg)
+    tokenizers = inputs.check_tokenizers(cfg)
     inputs.check_student(cfg)
-    data = inputs.load_data(cfg, tokenizer, train_dataset, eval_dataset)
+    data = inputs.load_data(cfg, tokenizers, train_dataset, eval_dataset)
     if cfg.run.overwrite:
         shutil.rmtree(cfg.run_dir, ignore_errors=True)
     started = ensure_ray(cfg)
     log_filter = None if runtime.verbose() else WorkerLogFilter().install()
     try:
         check_resources(cfg)
-        return _train(cfg, data, tokenizer, uri)
+        return _train(cfg, data, tokenizers, uri)
     finally:
         if log_filter is not None:
             log_filter.remove()
@@ -154,7 +154,7 @@ def fit(config, train_dataset=None, eval_dataset=None) -> FitResult:
             ray.shutdown()
 
 
-def _train(cfg: TVKDConfig, data, tokenizer, uri: str | None) -> FitResult:
+def _train(cfg: TVKDConfig, data, tokenizers, uri: str | None) -> FitResult:
     """The run on a cluster that holds it: models, pools and their streams, the Ray Train run,
     its MLflow run; its console for as long as it runs."""
     from driver import inputs, launch
@@ -163,7 +163,7 @@ def _train(cfg: TVKDConfig, data, tokenizer, uri: str | None) -> FitResult:
     from tvkd_ray import tracking
 
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    paths = inputs.prepare_models(cfg)
+    paths = inputs.prepare_models(cfg, tokenizers)
     console = Console()
     try:
         num_eval = 0 if data.eval is None else data.eval.num_rows
@@ -186,7 +186,7 @@ def _train(cfg: TVKDConfig, data, tokenizer, uri: str | None) -> FitResult:
                 train=data.train,
                 eval=data.eval,
                 data_report=data.report,
-                decode=tokenizer.decode,
+                decode=tokenizers.student.decode,
             )
         except BaseException as exc:
             # A stopped run is KILLED (rerun to resume), anything else FAILED.

@@ -38,6 +38,19 @@ class ModelPaths:
     cross_tokenizer: bool = False
 
 
+@dataclass(frozen=True)
+class Tokenizers:
+    """The student's tokenizer, and the teacher's when it differs (its potentials are then
+    mapped to the student's tokens, SPEC §2.3c): decided once, in ``check_tokenizers``."""
+
+    student: Any
+    teacher_own: Any | None = None
+
+    @property
+    def cross(self) -> bool:
+        return self.teacher_own is not None
+
+
 @dataclass
 class PairData:
     """Validated, shuffled pair tables, ready to be tokenised and scored."""
@@ -47,11 +60,10 @@ class PairData:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def check_tokenizers(cfg: TVKDConfig):
+def check_tokenizers(cfg: TVKDConfig) -> Tokenizers:
     """Load the student's tokenizer and check the others against it (SPEC §4), before any model
     work: the reference shares it; a teacher with its own tokenizer is mapped (SPEC §2.3c), which
-    needs offsets from both and no top-k KD; the teacher's ref_model shares the teacher's.
-    Returns the student's tokenizer."""
+    needs offsets from both and no top-k term; the teacher's ref_model shares the teacher's."""
     student_name = cfg.student.tokenizer or cfg.student.model
     student_tok = load_tokenizer(student_name)
     student = f"student tokenizer '{student_name}'"
@@ -61,7 +73,7 @@ def check_tokenizers(cfg: TVKDConfig):
             load_tokenizer(name), student_tok, f"reference tokenizer '{name}'", student
         )
     if not cfg.uses_teacher:
-        return student_tok
+        return Tokenizers(student_tok)
     teacher_tok, teacher = (
         load_tokenizer(cfg.teacher.model),
         f"teacher tokenizer '{cfg.teacher.model}'",
@@ -72,22 +84,23 @@ def check_tokenizers(cfg: TVKDConfig):
             load_tokenizer(name), teacher_tok, f"teacher.ref_model tokenizer '{name}'", teacher
         )
     difference = tokenizer_difference(teacher_tok, student_tok)
-    if difference is not None:
-        if cfg.loss.kd_weight > 0:
-            raise ConfigError(
-                f"loss.kd_weight: top-k KD needs one vocabulary, but {teacher} and {student} "
-                f"differ in {difference}; set loss.kd_weight: 0, or use a teacher with the "
-                "student's tokenizer"
-            )
-        if cfg.loss.objective == "release":
-            raise ConfigError(
-                f"loss.objective: release scores the student on the teacher's top-k ids, which "
-                f"needs one vocabulary, but {teacher} and {student} differ in {difference}; use "
-                "loss.objective: tvkd, or a teacher with the student's tokenizer"
-            )
-        check_offsets(teacher_tok, teacher, student)
-        check_offsets(student_tok, student, teacher)
-    return student_tok
+    if difference is None:
+        return Tokenizers(student_tok)
+    if cfg.loss.kd_weight > 0:
+        raise ConfigError(
+            f"loss.kd_weight: top-k KD needs one vocabulary, but {teacher} and {student} "
+            f"differ in {difference}; set loss.kd_weight: 0, or use a teacher with the "
+            "student's tokenizer"
+        )
+    if cfg.loss.objective == "release":
+        raise ConfigError(
+            f"loss.objective: release scores the student on the teacher's top-k ids, which "
+            f"needs one vocabulary, but {teacher} and {student} differ in {difference}; use "
+            "loss.objective: tvkd, or a teacher with the student's tokenizer"
+        )
+    check_offsets(teacher_tok, teacher, student)
+    check_offsets(student_tok, student, teacher)
+    return Tokenizers(student_tok, teacher_tok)
 
 
 def check_student(cfg: TVKDConfig) -> None:
@@ -96,7 +109,7 @@ def check_student(cfg: TVKDConfig) -> None:
         check_lora_targets(resolve_model(cfg.student.model), cfg.student.lora)
 
 
-def prepare_models(cfg: TVKDConfig) -> ModelPaths:
+def prepare_models(cfg: TVKDConfig, tokenizers: Tokenizers) -> ModelPaths:
     """Resolve every model to a local directory and build the student's initial weights."""
     student_init = build_student(
         cfg.student.model,
@@ -112,8 +125,7 @@ def prepare_models(cfg: TVKDConfig) -> ModelPaths:
     )
     if cfg.uses_teacher:
         paths.teacher = resolve_model(cfg.teacher.model)
-        own = tokenizer_difference(load_tokenizer(paths.teacher), load_tokenizer(paths.tokenizer))
-        paths.cross_tokenizer = own is not None
+        paths.cross_tokenizer = tokenizers.cross
         if cfg.loss.potential == "implicit_reward":
             paths.teacher_ref = resolve_model(cfg.teacher.ref_model)
     _check_device_maps(cfg, paths)
@@ -128,15 +140,18 @@ def _check_device_maps(cfg: TVKDConfig, paths: ModelPaths) -> None:
             check_device_map(model_dir, pool.device_map, f"{section}.device_map")
 
 
-def load_data(cfg: TVKDConfig, tokenizer, train_dataset=None, eval_dataset=None) -> PairData:
+def load_data(
+    cfg: TVKDConfig, tokenizers: Tokenizers, train_dataset=None, eval_dataset=None
+) -> PairData:
     """Read and validate every pair (SPEC §4) before any model or Ray work; a bad row stops the
     run here, naming its file, row and field."""
+    tokenizer = tokenizers.student
     train_source = train_dataset if train_dataset is not None else cfg.data.train_path
     if train_source is None:
         raise ConfigError("data.train_path: no training data (set it or pass train_dataset)")
     train, report = _source_table(cfg, train_source, tokenizer)
-    if report["format"] == "conversational" and cfg.uses_teacher:
-        _check_rendering(cfg, tokenizer, report["source"])
+    if report["format"] == "conversational" and tokenizers.cross:
+        _check_rendering(cfg, tokenizers, report["source"])
     eval_table = None
     eval_source = eval_dataset if eval_dataset is not None else cfg.data.eval_path
     if eval_source is not None:
@@ -167,19 +182,16 @@ PROBE_CONVERSATION = [
 ]
 
 
-def _check_rendering(cfg: TVKDConfig, student_tok, source: str) -> None:
+def _check_rendering(cfg: TVKDConfig, tokenizers: Tokenizers, source: str) -> None:
     """Conversational rows are rendered by the student's chat template, and a teacher with its
     own tokenizer scores that same text (SPEC §2.3c): its own template must render it alike."""
-    teacher_tok = load_tokenizer(cfg.teacher.model)
-    if tokenizer_difference(teacher_tok, student_tok) is None:
-        return
 
     def render(tokenizer) -> str | None:
         if tokenizer.chat_template is None:
             return None
         return tokenizer.apply_chat_template(PROBE_CONVERSATION, tokenize=False)
 
-    if render(teacher_tok) != render(student_tok):
+    if render(tokenizers.teacher_own) != render(tokenizers.student):
         student_name = cfg.student.tokenizer or cfg.student.model
         raise DataError(
             f"{source}: conversational rows are rendered with one chat template for both models, "

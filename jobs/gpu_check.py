@@ -80,8 +80,9 @@ def teacher_batch(cfg, pairs: int = 16):
     from driver.inputs import check_tokenizers, load_data
     from tvkd_ray.data import tokenize_batch
 
-    tokenizer = check_tokenizers(cfg)
-    table = load_data(cfg, tokenizer).train.slice(0, pairs)
+    tokenizers = check_tokenizers(cfg)
+    tokenizer = tokenizers.student
+    table = load_data(cfg, tokenizers).train.slice(0, pairs)
     data = cfg.data
     return tokenize_batch(
         table, tokenizer, max_length=data.max_length, max_prompt_length=data.max_prompt_length

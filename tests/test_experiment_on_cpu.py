@@ -151,10 +151,14 @@ def test_extra_eval_scores_the_final_model_against_its_sft_start(tmp_path):
     load_tokenizer(resolve_model("tiny-student")).save_pretrained(model_dir)
     start = resolve_model("tiny-student")
     overrides = [f"student.model={start}", "teacher.model=tiny-teacher", "loss.beta=0.2"]
-    (scores,) = runner.score_extra("hh-dpo-s0", experiment.STUDENT, overrides).values()
+    (scores,) = runner.score_extra("hh-dpo-s0", experiment.STUDENT, overrides, [holdout]).values()
     # The model is its own start: every margin is 0, a tie, never a win.
     assert scores["ref_model"] == start and scores["beta"] == 0.2
     assert scores["preference_accuracy"] == 0.0 and scores["mean_margin"] == pytest.approx(0.0)
     holdout.write_text("{not json\n")
     with pytest.raises(RuntimeError, match="run hh-dpo-s0: jobs/eval.py on .*holdout.jsonl"):
-        runner.score_extra("hh-dpo-s0", experiment.STUDENT, overrides)
+        runner.score_extra("hh-dpo-s0", experiment.STUDENT, overrides, [holdout])
+    # A finished student run whose model is gone and that lacks a file's score is found first.
+    (runner.runs / "hh-dpo-s1").mkdir()
+    runner.done_file("hh-dpo-s1").write_text(json.dumps({"name": "hh-dpo-s1"}))
+    assert runner.unscored() == ["hh-dpo-s1: holdout.jsonl"]

@@ -114,7 +114,7 @@ def assert_every_pair_once_with_direct_values(rows: pa.Table, cfg, paths) -> Non
 
 def test_stream_delivers_every_pair_once_with_direct_values(ray_cluster, make_config):
     cfg = make_config()
-    paths = inputs.prepare_models(cfg)
+    paths = inputs.prepare_models(cfg, inputs.check_tokenizers(cfg))
     streams = build_streams(cfg, paths)
     assert streams.eval is None and streams.num_train_pairs == NUM_PAIRS
     (train,) = streams.train  # one dataset per epoch
@@ -148,7 +148,7 @@ def test_teacher_cache_reuses_matching_parquet_and_recomputes_on_change(
     cache = tmp_path / "teacher-cache"
     in_cache = [f"teacher.cache={cache}", f"reference.cache={cache}"]  # one entry for both
     cfg = make_config(*in_cache)
-    paths = inputs.prepare_models(cfg)
+    paths = inputs.prepare_models(cfg, inputs.check_tokenizers(cfg))
     # Counts the teacher pools planned: the only place their actors come from.
     plans = []
     through_pool = pools.through_pool
@@ -209,7 +209,7 @@ def test_each_pool_keeps_its_own_cache(ray_cluster, make_config, tmp_path, monke
     second build reads the entry and plans the teacher alone."""
     cache = tmp_path / "reference-cache"
     cfg = make_config(f"reference.cache={cache}")  # teacher.cache stays none
-    paths = inputs.prepare_models(cfg)
+    paths = inputs.prepare_models(cfg, inputs.check_tokenizers(cfg))
     planned = []
     through_pool = pools.through_pool
 
@@ -236,7 +236,7 @@ def test_auto_cache_streams_the_first_epoch_and_keeps_it(ray_cluster, make_confi
     parts lack."""
     auto = ["teacher.cache=auto", "reference.cache=auto", "train.epochs=2"]
     cfg = make_config(*auto, f"run.output_dir={tmp_path}")
-    paths = inputs.prepare_models(cfg)
+    paths = inputs.prepare_models(cfg, inputs.check_tokenizers(cfg))
     board = ProgressBoard.remote()
     data = inputs.load_data(cfg, inputs.check_tokenizers(cfg))
     planned = streams.build_streams(cfg, paths, data, board)
@@ -303,7 +303,7 @@ def test_dead_teacher_actor_is_restarted_and_every_pair_arrives_once(
 ):
     cfg = make_config()
     assert cfg.teacher.max_restarts >= 1 and NUM_PAIRS > 2 * cfg.teacher.batch_size
-    paths = inputs.prepare_models(cfg)
+    paths = inputs.prepare_models(cfg, inputs.check_tokenizers(cfg))
     marker = arm_fault("teacher", 2)  # exits (os._exit) on its 2nd batch, once
     rows = consume(build_streams(cfg, paths).train[0])
     assert marker.exists(), "the teacher actor never crashed"

@@ -32,11 +32,13 @@ import gzip
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +47,7 @@ HERE = Path(__file__).resolve().parent
 HH_FILE = REPO.parent / "shared" / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"
 BUNDLED = REPO / "examples" / "data" / "bundled"
 TRAIN_LINES = 1800  # the fixed split of the issue: first 1,800 train, last 200 test
+TEACHER, TEACHER_RUN = HERE / "hh_teacher_dpo.yaml", "hh-teacher-dpo"
 SFT, STUDENT = HERE / "hh_student_sft.yaml", HERE / "hh_student.yaml"  # the students' configs
 EVAL_KEYS = ("eval/rewards/accuracies", "eval/rewards/margins", "eval/loss")
 sys.path.insert(0, str(REPO))  # run as a script from a checkout
@@ -150,9 +153,41 @@ class Runner:
         return self.runs / name / "experiment-done.json"
 
     def train(self, name: str, config: Path, overrides: list[str], keep_model: bool) -> dict:
+        """The run's result (its eval history, and for a student its scores on the extra
+        files); its done file is written as soon as training ends, so a failed extra
+        evaluation is retried on the next call without training again."""
         done = self.done_file(name)
-        if done.exists():
-            return json.loads(done.read_text())
+        result = (
+            json.loads(done.read_text()) if done.exists() else self.run_cli(name, config, overrides)
+        )
+        done.write_text(json.dumps(result, indent=1))
+        if keep_model:
+            return result
+        scores = result.setdefault("extra_eval", {})
+        missing = [path for path in self.extra_eval if path.name not in scores]
+        if missing:
+            scores.update(self.score_extra(name, config, overrides, missing))
+            done.write_text(json.dumps(result, indent=1))
+        # Students: the metrics are the result; their weights would fill the disk.
+        for sub in ("model", "train", "student_init", "pairs_seen"):
+            shutil.rmtree(self.runs / name / sub, ignore_errors=True)
+        return result
+
+    def unscored(self) -> list[str]:
+        """Finished student runs whose model is deleted but that lack a score on one of the
+        extra files (they finished before it was asked for)."""
+        missing = []
+        for done in sorted(self.runs.glob("*/experiment-done.json")):
+            scored = json.loads(done.read_text()).get("extra_eval", {})
+            run = done.parent
+            if re.search(r"-s\d+$", run.name) and not (run / "model").is_dir():
+                missing += [
+                    f"{run.name}: {p.name}" for p in self.extra_eval if p.name not in scored
+                ]
+        return missing
+
+    def run_cli(self, name: str, config: Path, overrides: list[str]) -> dict:
+        """One training run of the CLI, logged to ``<out>/logs/<name>.log``."""
         args = [f"run.name={name}", f"run.output_dir={self.runs}", *overrides]
         command = [sys.executable, str(REPO / "jobs" / "tvkd.py"), "--config", str(config)]
         command += [f"--{a}" for a in args]
@@ -166,26 +201,26 @@ class Runner:
             tail = (self.logs / f"{name}.log").read_text().splitlines()[-15:]
             raise RuntimeError(f"run {name} failed (exit {proc.returncode}):\n" + "\n".join(tail))
         result = {"name": name, "seconds": round(time.time() - started, 1), **self.history(name)}
-        if self.extra_eval and not keep_model:
-            result["extra_eval"] = self.score_extra(name, config, overrides)
-        if not keep_model:  # students: the metrics are the result; weights would fill the disk
-            for sub in ("model", "train", "student_init", "pairs_seen"):
-                shutil.rmtree(self.runs / name / sub, ignore_errors=True)
-        done.write_text(json.dumps(result, indent=1))
         log(f"done  {name} in {result['seconds']:.0f} s")
         return result
 
-    def score_extra(self, name: str, config: Path, overrides: list[str]) -> dict:
-        """``jobs/eval.py`` on each extra file: the final model against its reference (the
-        SFT start), with the run's β and lengths; {file name: its JSON result}."""
+    def score_extra(self, name: str, config: Path, overrides: list[str], files: list[Path]):
+        """``jobs/eval.py`` on each file: the final model against its reference (the SFT
+        start), with the run's β and lengths; {file name: its JSON result}."""
         from tvkd_ray.config import load_config
 
+        model = self.runs / name / "model"
+        if not model.is_dir():
+            raise RuntimeError(
+                f"run {name} finished before --extra-eval {files[0].name} was asked for, and its "
+                f"model is deleted: remove {self.runs / name} to train it again"
+            )
         cfg = load_config(config, overrides)
         scores = {}
-        for path in self.extra_eval:
+        for path in files:
             command = [
                 sys.executable, str(REPO / "jobs" / "eval.py"),
-                "--model", str(self.runs / name / "model"),
+                "--model", str(model),
                 "--ref-model", cfg.student.model,
                 "--data", str(path),
                 "--beta", str(cfg.loss.beta),
@@ -225,7 +260,7 @@ class Lanes:
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=lanes)
         self.futures: dict[str, concurrent.futures.Future] = {}
 
-    def add(self, name: str, job, after: list[str] = ()) -> None:
+    def add(self, name: str, job, after: Sequence[str] = ()) -> None:
         waits = [self.futures[n] for n in after]
 
         def run():
@@ -236,12 +271,12 @@ class Lanes:
         self.futures[name] = self.pool.submit(run)
 
     def results(self) -> dict[str, dict]:
+        """Every run's result; at the first failure the runs not started yet are cancelled
+        (the ones running finish) and the failure is raised."""
         try:
+            futures = self.futures.values()
+            concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
             return {name: f.result() for name, f in self.futures.items()}
-        except BaseException:
-            for f in self.futures.values():
-                f.cancel()
-            raise
         finally:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
@@ -323,7 +358,9 @@ def teacher_signal(cache: Path, gamma: float = 0.9) -> list[dict]:
 
 def paired(values: list[float], baseline: list[float], resamples: int = 10_000) -> dict:
     """Per-seed differences against the baseline's runs of the same seed (same data order):
-    their mean, a 95 % bootstrap interval of the mean, wins/losses and a two-sided sign test."""
+    their mean, a 95 % percentile-bootstrap interval of the mean, wins/losses and a two-sided
+    sign test. With 5 seeds the smallest sign-test p is 2/32 = 0.0625 and the bootstrap interval
+    is narrow-biased: both describe the seeds run, they prove nothing at 5 %."""
     import numpy as np
 
     diffs = np.asarray(values) - np.asarray(baseline)
@@ -424,16 +461,18 @@ def markdown_table(rows: list[dict]) -> str:
     ]
     for row in rows:
         acc, margin, vs = row["eval/rewards/accuracies"], row["eval/rewards/margins"], row["vs_dpo"]
+        baseline = row["arm"] == "dpo"
         cells = [
             row["arm"],
             f"{acc['mean']:.3f} ± {acc['std']:.3f}",
-            f"{vs['mean']:+.3f} [{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}]",
-            f"{vs['wins']}–{vs['losses']} ({vs['sign_test_p']:.2f})",
+            "—" if baseline else f"{vs['mean']:+.3f} [{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}]",
+            "—" if baseline else f"{vs['wins']}–{vs['losses']} ({vs['sign_test_p']:.2f})",
             f"{margin['mean']:.3f} ± {margin['std']:.3f}",
         ]
         for where in extra:
             e = row["extra_eval"][where]
-            cells.append(f"{e['mean']:.3f} ± {e['std']:.3f} ({e['vs_dpo']['mean']:+.3f})")
+            versus = "" if baseline else f" ({e['vs_dpo']['mean']:+.3f})"
+            cells.append(f"{e['mean']:.3f} ± {e['std']:.3f}{versus}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -507,7 +546,8 @@ def plot_shaping(path: Path, cache: Path, tokenizer_path: str, gamma: float, pai
     plt.close(fig)
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
+    """The command line, checked; ``hh_arms`` and ``bundled_arms`` hold the arms to run."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("~/tvkd-ray-outputs/experiment"))
     parser.add_argument("--seeds", type=int, default=5, help="seeds of each HH-RLHF arm")
@@ -532,55 +572,40 @@ def main() -> int:
         "jobs/eval.py against its SFT start; one table column per file (repeatable)",
     )
     args = parser.parse_args()
-    hh_arms, bundled_arms = HH_ARMS, BUNDLED_ARMS
-    if args.arms:
-        chosen = args.arms.split(",")
-        unknown = sorted(set(chosen) - set(HH_ARMS))
-        if unknown or "dpo" not in chosen:
-            parser.error(
-                f"--arms: needs dpo (the baseline); unknown {unknown}; known {list(HH_ARMS)}"
-            )
-        hh_arms = {k: v for k, v in HH_ARMS.items() if k in chosen}
-        bundled_arms = {k: v for k, v in BUNDLED_ARMS.items() if k in chosen}
+    chosen = args.arms.split(",") if args.arms else list(HH_ARMS)
+    unknown = sorted(set(chosen) - set(HH_ARMS))
+    if unknown or "dpo" not in chosen:
+        parser.error(f"--arms: needs dpo (the baseline); unknown {unknown}; known {list(HH_ARMS)}")
+    args.hh_arms = {k: v for k, v in HH_ARMS.items() if k in chosen}
+    args.bundled_arms = {k: v for k, v in BUNDLED_ARMS.items() if k in chosen}
     for path in args.extra_eval:
         if not path.is_file():
             parser.error(f"--extra-eval: {path} is not a file")
-    plan = SMOKE if args.smoke else FULL
-    out = args.out.expanduser().resolve()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    started = time.time()
-    data = split_data(out, plan)
-    first_start = out / "started_at"  # the wall time counts from the first invocation
-    if not first_start.exists():
-        first_start.write_text(str(started))
-    runner = Runner(out, [p.resolve() for p in args.extra_eval])
-    cache = out / "teacher-cache"
+    names = [path.name for path in args.extra_eval]
+    if len(set(names)) < len(names):
+        parser.error(f"--extra-eval: two files share a name (the table's column): {names}")
+    args.extra_eval = [path.resolve() for path in args.extra_eval]
+    return args
 
-    # The teacher's DPO takes longest: everything that does not need it (the students' SFT, the
-    # DPO arms, the bundled arms with the untrained teacher) runs in the other lane meanwhile.
-    lanes = Lanes(args.lanes)
-    lanes.add(
-        "hh-teacher-dpo",
-        lambda: runner.train(
-            "hh-teacher-dpo",
-            HERE / "hh_teacher_dpo.yaml",
-            [
-                f"data.train_path={data['hh_teacher']}",
-                f"data.eval_path={data['hh_eval']}",
-                f"train.epochs={plan.teacher_epochs}",
-            ],
-            keep_model=True,
-        ),
-    )
+
+def schedule(lanes: Lanes, runner: Runner, data: dict, plan: Plan, args, cache: Path) -> None:
+    """Every run of the experiment, each after the runs it needs. The teacher's DPO takes
+    longest: what does not need it (the students' SFT, the DPO arms, the bundled arms with the
+    untrained teacher) runs in the other lane meanwhile."""
+    teacher = [
+        f"data.train_path={data['hh_teacher']}",
+        f"data.eval_path={data['hh_eval']}",
+        f"train.epochs={plan.teacher_epochs}",
+    ]
+    lanes.add("hh-teacher-dpo", lambda: runner.train(TEACHER_RUN, TEACHER, teacher, True))
     for prefix in ("hh", "bundled"):
         name = f"{prefix}-student-sft"
         train, evaluation = data[f"{prefix}_train"], data[f"{prefix}_eval"]
         overrides = [f"data.train_path={train}", f"data.eval_path={evaluation}"]
         lanes.add(name, lambda n=name, o=overrides: runner.train(n, SFT, o, keep_model=True))
-    teacher_model = runner.runs / "hh-teacher-dpo" / "model"
     settings = {
-        "hh": (hh_arms, args.seeds, str(teacher_model)),
-        "bundled": (bundled_arms, args.bundled_seeds, "smollm2-135m-instruct"),
+        "hh": (args.hh_arms, args.seeds, str(runner.runs / TEACHER_RUN / "model")),
+        "bundled": (args.bundled_arms, args.bundled_seeds, "smollm2-135m-instruct"),
     }
     planned = []
     for prefix, (arms, seeds, teacher_path) in settings.items():
@@ -595,7 +620,7 @@ def main() -> int:
         ]
         for name, overrides, first in student_runs(prefix, arms, seeds, common):
             needs_teacher = prefix == "hh" and "run.stage=dpo" not in overrides
-            after = [f"{prefix}-student-sft"] + (["hh-teacher-dpo"] if needs_teacher else [])
+            after = [f"{prefix}-student-sft"] + ([TEACHER_RUN] if needs_teacher else [])
             # Runs sharing a cache entry wait for the one that fills it.
             seed = int(name.rsplit("-s", 1)[1])
             planned.append((needs_teacher, first is not None, seed, name, overrides, after, first))
@@ -607,36 +632,15 @@ def main() -> int:
             lambda n=name, o=overrides: runner.train(n, STUDENT, o, keep_model=False),
             after=after if first is None else [*after, first],
         )
-    results = lanes.results()
-    teacher = results["hh-teacher-dpo"]
-    signal = {
-        "teacher_dpo_eval_accuracy": teacher["eval/rewards/accuracies"][-1][1],
-        "teacher_dpo_eval_margin": teacher["eval/rewards/margins"][-1][1],
-        "hh": teacher_signal(cache / "hh"),
-        "bundled": teacher_signal(cache / "bundled"),
-    }
-    signal["bounded_support"] = support_difference(str(teacher_model), data["hh_eval"])
-    log(f"teacher signal: {json.dumps(signal)}")
-    results = [r for name, r in results.items() if not name.endswith(("-sft", "-dpo"))]
 
-    report = out / "report"
+
+def write_report(report: Path, summary: dict, teacher_model: Path, cache: Path) -> str:
+    """experiment.json, tables.md and the two plots under ``report``; the tables."""
     report.mkdir(exist_ok=True)
-    hh_rows = summarise(results, hh_arms, args.seeds, "hh")
-    b_rows = summarise(results, bundled_arms, args.bundled_seeds, "bundled")
-    summary = {
-        "plan": plan.__dict__,
-        "seeds": args.seeds,
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "wall_seconds": round(time.time() - float(first_start.read_text())),
-        "run_seconds_total": round(sum(r["seconds"] for r in results)),
-        "teacher_signal": signal,
-        "hh": hh_rows,
-        "bundled": b_rows,
-        "runs": results,
-    }
     (report / "experiment.json").write_text(json.dumps(summary, indent=1))
+    hh_rows, b_rows = summary["hh"], summary["bundled"]
     tables = (
-        f"### HH-RLHF harmless, test split ({plan.test_pairs} pairs)\n\n"
+        f"### HH-RLHF harmless, test split ({summary['plan']['test_pairs']} pairs)\n\n"
         f"{markdown_table(hh_rows)}\n\n"
         f"### Bundled eval set, against its ground truth\n\n{markdown_table(b_rows)}\n"
     )
@@ -646,7 +650,54 @@ def main() -> int:
         [("HH-RLHF harmless, test split", hh_rows), ("bundled, ground truth", b_rows)],
     )
     plot_shaping(report / "shaping_terms.png", cache / "hh", str(teacher_model), 0.9, pairs=3)
-    print(tables)
+    return tables
+
+
+def main() -> int:
+    args = parse_args()
+    plan = SMOKE if args.smoke else FULL
+    out = args.out.expanduser().resolve()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    started = time.time()
+    data = split_data(out, plan)
+    first_start = out / "started_at"  # the wall time counts from the first invocation
+    if not first_start.exists():
+        first_start.write_text(str(started))
+    runner = Runner(out, args.extra_eval)
+    unscored = runner.unscored()
+    if unscored:
+        sys.exit(
+            f"error: --extra-eval: {len(unscored)} finished runs have no score on a file and "
+            f"no model left to score (e.g. {unscored[0]}); remove their directories under "
+            f"{runner.runs} to train them again, or drop the file"
+        )
+    cache = out / "teacher-cache"
+    lanes = Lanes(args.lanes)
+    schedule(lanes, runner, data, plan, args, cache)
+    results = lanes.results()
+    teacher, teacher_model = results[TEACHER_RUN], runner.runs / TEACHER_RUN / "model"
+    signal = {
+        "teacher_dpo_eval_accuracy": teacher["eval/rewards/accuracies"][-1][1],
+        "teacher_dpo_eval_margin": teacher["eval/rewards/margins"][-1][1],
+        "hh": teacher_signal(cache / "hh"),
+        "bundled": teacher_signal(cache / "bundled"),
+        "bounded_support": support_difference(str(teacher_model), data["hh_eval"]),
+    }
+    log(f"teacher signal: {json.dumps(signal)}")
+    students = [r for name, r in results.items() if re.search(r"-s\d+$", name)]
+    summary = {
+        "plan": plan.__dict__,
+        "seeds": {"hh": args.seeds, "bundled": args.bundled_seeds},
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "wall_seconds": round(time.time() - float(first_start.read_text())),
+        "run_seconds_total": round(sum(r["seconds"] for r in results.values())),
+        "teacher_signal": signal,
+        "hh": summarise(students, args.hh_arms, args.seeds, "hh"),
+        "bundled": summarise(students, args.bundled_arms, args.bundled_seeds, "bundled"),
+        "runs": list(results.values()),
+    }
+    report = out / "report"
+    print(write_report(report, summary, teacher_model, cache))
     if args.docs:
         target = REPO / "docs" / "results"
         target.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from driver.inputs import load_data
+from driver.inputs import Tokenizers, load_data
 from tvkd_ray.config import BUNDLED_DATA, TVKDConfig, load_config
 from tvkd_ray.data import tokenize_batch
 from tvkd_ray.models import load_tokenizer
@@ -129,7 +129,9 @@ class Bench:
         """The training pairs, validated and shuffled exactly as ``fit`` does."""
         if data not in self._pairs:
             cfg = self.config("data", [], data)
-            self._pairs[data] = load_data(cfg, load_tokenizer(self.model("student"))).train
+            self._pairs[data] = load_data(
+                cfg, Tokenizers(load_tokenizer(self.model("student")))
+            ).train
         return self._pairs[data]
 
     def batches(self, data: str = "bundled") -> list[pa.Table]:
