@@ -78,13 +78,16 @@ def check_tokenizers(cfg: TVKDConfig) -> Tokenizers:
         load_tokenizer(cfg.teacher.model),
         f"teacher tokenizer '{cfg.teacher.model}'",
     )
-    if cfg.loss.potential == "implicit_reward":
+    if cfg.teacher_potential == "implicit_reward":
         name = cfg.teacher.ref_model
         check_tokenizers_compatible(
             load_tokenizer(name), teacher_tok, f"teacher.ref_model tokenizer '{name}'", teacher
         )
+    _check_top_k(cfg, teacher_tok)
     difference = tokenizer_difference(teacher_tok, student_tok)
     if difference is None:
+        if cfg.uses_top_k:
+            _check_head_sizes(resolve_model(cfg.teacher.model), resolve_model(cfg.student.model))
         return Tokenizers(student_tok)
     if cfg.loss.kd_weight > 0:
         raise ConfigError(
@@ -101,6 +104,17 @@ def check_tokenizers(cfg: TVKDConfig) -> Tokenizers:
     check_offsets(teacher_tok, teacher, student)
     check_offsets(student_tok, student, teacher)
     return Tokenizers(student_tok, teacher_tok)
+
+
+def _check_top_k(cfg: TVKDConfig, teacher_tok) -> None:
+    """teacher.top_k must leave a rest bucket: fewer tokens than the teacher's vocabulary."""
+    if (cfg.uses_top_k or cfg.loss.potential_support == "top_k") and cfg.teacher.top_k >= len(
+        teacher_tok
+    ):
+        raise ConfigError(
+            f"teacher.top_k: {cfg.teacher.top_k} must be smaller than the teacher's vocabulary "
+            f"({len(teacher_tok)} tokens), so that a rest bucket remains"
+        )
 
 
 def check_student(cfg: TVKDConfig) -> None:
@@ -126,10 +140,28 @@ def prepare_models(cfg: TVKDConfig, tokenizers: Tokenizers) -> ModelPaths:
     if cfg.uses_teacher:
         paths.teacher = resolve_model(cfg.teacher.model)
         paths.cross_tokenizer = tokenizers.cross
-        if cfg.loss.potential == "implicit_reward":
+        if cfg.teacher_potential == "implicit_reward":
             paths.teacher_ref = resolve_model(cfg.teacher.ref_model)
     _check_device_maps(cfg, paths)
     return paths
+
+
+def _check_head_sizes(teacher_dir: str, student_dir: str) -> None:
+    """The teacher's top-k ids index the student's LM head: both heads need as many rows (one
+    tokenizer can sit on heads padded to different sizes, as in the sizes of one family)."""
+    from transformers import AutoConfig
+
+    rows = [
+        AutoConfig.from_pretrained(d).get_text_config().vocab_size
+        for d in (teacher_dir, student_dir)
+    ]
+    if rows[0] != rows[1]:
+        raise ConfigError(
+            f"teacher.model: top-k KD and loss.objective=release index the student's LM head "
+            f"with the teacher's token ids, but the teacher's head has {rows[0]} rows and the "
+            f"student's {rows[1]}; use a teacher and a student with one head size, or neither "
+            "term (loss.kd_weight: 0, loss.objective: tvkd)"
+        )
 
 
 def _check_device_maps(cfg: TVKDConfig, paths: ModelPaths) -> None:

@@ -56,18 +56,17 @@ def roles(cfg: TVKDConfig, paths: ModelPaths) -> list[Role]:
     found = []
     if cfg.uses_teacher:
         loss, teacher = cfg.loss, cfg.teacher
-        release = loss.objective == "release"
         spec = TeacherSpec(
             **_model_fields(cfg, teacher, paths.teacher),
-            potential=loss.potential,
+            potential=cfg.teacher_potential,
             tau=loss.tau,
             q_scale=loss.q_scale,
             normalize=loss.potential_normalize,
             support_top_k=teacher.top_k if loss.potential_support == "top_k" else 0,
             ref_model=paths.teacher_ref,
             beta=teacher.beta,
-            top_k=teacher.top_k if loss.kd_weight > 0 or release else 0,
-            rejected_top_k=release,
+            top_k=teacher.top_k if cfg.uses_top_k else 0,
+            rejected_top_k=loss.objective == "release",
         )
         found.append(Role("teacher", TeacherPotentials, spec, teacher))
     if cfg.uses_reference:

@@ -42,6 +42,19 @@ def _pairs(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
+def _padded_head_teacher(path: Path) -> str:
+    """The tiny teacher's tokenizer on a model whose head has 16 padding rows more."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tvkd_ray.models import load_tokenizer, resolve_model
+
+    config = AutoConfig.from_pretrained(resolve_model("tiny-teacher"))
+    config.vocab_size += 16
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    load_tokenizer("tiny-teacher").save_pretrained(path)
+    return str(path)
+
+
 GOOD = {"prompt": "Q: 1+1?\nA:", "chosen": " 2", "rejected": " 3"}
 
 
@@ -87,6 +100,7 @@ def _catalogue(tmp: Path) -> list[tuple[list[str], str]]:
             )
             + "\n"
         )
+    padded = _padded_head_teacher(tmp / "padded-teacher")
     cases = [
         (["--loss.alpah", "0.1"], "unknown config key 'loss.alpah' (did you mean 'loss.alpha'?)"),
         (["--train.batch_size", "four"], "train.batch_size: expected int"),
@@ -116,6 +130,30 @@ def _catalogue(tmp: Path) -> list[tuple[list[str], str]]:
             ["--loss.potential_support", "top_k"],
             "loss.potential_support: top_k sums probabilities into a rest bucket, so it needs "
             "loss.potential_normalize=true",
+        ),
+        # One tokenizer on a head padded to more rows: the top-k ids would overrun the student's.
+        (
+            ["--teacher.model", padded, "--loss.objective", "release"],
+            "the teacher's head has 1040 rows and the student's 1024",
+        ),
+        (
+            ["--loss.kd_weight", "0.1", "--teacher.top_k", "5000"],
+            "teacher.top_k: 5000 must be smaller than the teacher's vocabulary",
+        ),
+        (
+            [
+                "--loss.potential",
+                "implicit_reward",
+                "--loss.potential_normalize",
+                "true",
+                "--loss.potential_support",
+                "top_k",
+                "--teacher.ref_model",
+                "tiny-teacher",
+                "--loss.q_scale",
+                "0.7",
+            ],
+            "loss.potential_support: top_k is the support of the soft_value potential",
         ),
         (["--reference.model", "smollm2-135m-instruct"], "must share one tokenizer"),
         # Both models score one rendered text: their chat templates must render it alike.

@@ -400,12 +400,19 @@ class LossConfig:
             "equal to loss.tau with loss.potential_normalize makes every soft_value potential 0 "
             "(TVKD would be plain DPO); change one of them",
         )
-        _require(
-            self.potential_support == "vocab" or self.potential_normalize,
-            "loss.potential_support",
-            "top_k sums probabilities into a rest bucket, so it needs "
-            "loss.potential_normalize=true",
-        )
+        if self.potential_support == "top_k":
+            _require(
+                self.potential_normalize,
+                "loss.potential_support",
+                "top_k sums probabilities into a rest bucket, so it needs "
+                "loss.potential_normalize=true",
+            )
+            _require(
+                self.potential == "soft_value" and self.objective == "tvkd",
+                "loss.potential_support",
+                "top_k is the support of the soft_value potential of objective tvkd "
+                f"(got potential {self.potential}, objective {self.objective})",
+            )
         _require(self.bc_weight >= 0, "loss.bc_weight", "must be >= 0")
         _require(self.kd_weight >= 0, "loss.kd_weight", "must be >= 0")
 
@@ -540,7 +547,7 @@ class TVKDConfig:
             f"release scores the student on the teacher's top-k, so run.stage must be tvkd "
             f"(got {stage})",
         )
-        if self.uses_teacher and self.loss.potential == "implicit_reward":
+        if self.uses_teacher and self.teacher_potential == "implicit_reward":
             _require(
                 bool(self.teacher.ref_model),
                 "teacher.ref_model",
@@ -588,6 +595,18 @@ class TVKDConfig:
         return self.run.stage == "tvkd" and (
             loss.alpha > 0 or loss.kd_weight > 0 or loss.objective == "release"
         )
+
+    @property
+    def teacher_potential(self) -> str:
+        """The potential the teacher actors compute: ``loss.potential``, or under the release
+        objective (which uses none) the cheapest, soft_value, which needs no teacher.ref_model."""
+        return "soft_value" if self.loss.objective == "release" else self.loss.potential
+
+    @property
+    def uses_top_k(self) -> bool:
+        """Whether the student is scored on the teacher's top-k ids (KD or release): teacher and
+        student must then share one vocabulary, and k must be smaller than it."""
+        return self.uses_teacher and (self.loss.kd_weight > 0 or self.loss.objective == "release")
 
     @property
     def uses_reference(self) -> bool:

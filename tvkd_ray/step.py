@@ -44,18 +44,17 @@ class Objective:
     @classmethod
     def from_config(cls, cfg: TVKDConfig) -> Objective:
         loss = cfg.loss
-        release = cfg.run.stage == "tvkd" and loss.objective == "release"
         return cls(
             stage=cfg.run.stage,
-            kind="release" if release else "tvkd",
+            kind=loss.objective,  # release is validated to come with run.stage tvkd
             beta=loss.beta,
-            alpha=loss.alpha if cfg.uses_teacher and not release else 0.0,
+            alpha=loss.alpha if cfg.uses_teacher else 0.0,
             gamma=loss.gamma,
             label_smoothing=loss.label_smoothing,
             center=loss.center_potentials,
             bc_weight=loss.bc_weight,
             kd_weight=loss.kd_weight,
-            top_k=cfg.teacher.top_k if loss.kd_weight > 0 or release else 0,
+            top_k=cfg.teacher.top_k if cfg.uses_top_k else 0,
         )
 
 
