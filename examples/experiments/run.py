@@ -1,25 +1,28 @@
 """The quality experiment of docs/RESULTS.md: the TVKD paper's pipeline in small, in one command.
 
-    .venv/bin/python examples/experiments/run.py [--out DIR] [--seeds 3] [--lanes 2] [--smoke]
-                                                 [--docs]
+    .venv/bin/python examples/experiments/run.py [--out DIR] [--seeds 5] [--bundled-seeds 3]
+        [--lanes 2] [--arms dpo,...] [--extra-eval PATH ...] [--smoke] [--docs]
 
 1. Split the shared HH-RLHF harmless pairs: the first 1,800 lines are the train split, the last
-   200 the test split. The teacher and the students train on the first ``pairs`` train lines.
+   200 the test split. The teacher trains on the whole train split, the students on its first
+   ``pairs`` lines: the teacher knows more than the students can see.
 2. Teacher: SmolLM2-135M-Instruct DPO-trained on them (``run.stage=dpo``); its pre-DPO weights
-   are ``teacher.ref_model`` of the implicit_reward potential. At the same time, in the other
-   lane, the student: SmolLM2's first 2 layers SFT'd on the chosen responses (``run.stage=sft``).
-3. One run per teacher setting first (these fill the teacher cache, one entry per potential
-   kind); then the teacher's signal on the test split is read from the cache, before any
-   student result is looked at.
-4. Every arm (plain DPO, TVKD with each potential kind over a small alpha/gamma grid, DPO + KD)
-   with each seed: same steps, learning rate and data; the seed changes the data order.
-5. The same comparison on the bundled dataset, against its ground truth (the chosen answer is
-   the correct one by construction), with the untrained SmolLM2 as the soft_value teacher.
+   are ``teacher.ref_model`` of the implicit_reward potential. Students: SmolLM2's first 2 layers
+   SFT'd on the chosen responses (``run.stage=sft``), on HH and on the bundled data.
+3. Every arm (plain DPO; TVKD with the implicit-reward potential and with the authors' bounded
+   soft value at two strengths; the authors' released recipe, ``loss.objective=release``; DPO +
+   KD) with each seed: same steps, learning rate and data; the seed changes the data order. Runs
+   that share the teacher's work wait for the one that fills its cache entry.
+4. The same comparison on the bundled dataset, against its ground truth (the chosen answer is
+   the correct one by construction), with the untrained SmolLM2 as the soft-value teacher.
+5. The report: each arm's final eval accuracy paired by seed with DPO's, the teacher's signal
+   read from the cache, and each ``--extra-eval`` file's accuracy (``jobs/eval.py`` on the final
+   model against its SFT start).
 
-Every training run is the real CLI (``jobs/tvkd.py``), ``lanes`` of them at a time. A finished
-run is skipped when the command is run again, so an interrupted experiment resumes. Results go
-to ``<out>/report`` (JSON, Markdown tables, PNG plots); ``--docs`` also writes them to
-``docs/results/``. MLflow holds every run; to browse them:
+Every training run is the real CLI (``jobs/tvkd.py``), ``lanes`` of them at a time; what does not
+need the DPO teacher runs while it trains. A finished run is skipped when the command is run
+again, so an interrupted experiment resumes. Results go to ``<out>/report`` (JSON, Markdown
+tables, PNG plots); ``--docs`` also writes them to ``docs/results/``. MLflow holds every run:
 
     mlflow ui --backend-store-uri sqlite:///<out>/runs/mlflow.db --host 127.0.0.1
 """
