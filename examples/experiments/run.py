@@ -137,6 +137,11 @@ def split_data(out: Path, plan: Plan) -> dict[str, Path]:
     }
 
 
+def is_student_run(name: str) -> bool:
+    """Student runs are named ``<prefix>-<arm>-s<seed>`` (``student_runs``)."""
+    return re.search(r"-s\d+$", name) is not None
+
+
 class Runner:
     """Runs the CLI, one log file per run, and skips runs that already finished."""
 
@@ -183,7 +188,7 @@ class Runner:
         for done in sorted(self.runs.glob("*/experiment-done.json")):
             scored = json.loads(done.read_text()).get("extra_eval", {})
             run = done.parent
-            if re.search(r"-s\d+$", run.name) and not (run / "model").is_dir():
+            if is_student_run(run.name) and not (run / "model").is_dir():
                 missing += [
                     f"{run.name}: {p.name}" for p in self.extra_eval if p.name not in scored
                 ]
@@ -687,7 +692,7 @@ def main() -> int:
         "bounded_support": support_difference(str(teacher_model), data["hh_eval"]),
     }
     log(f"teacher signal: {json.dumps(signal)}")
-    students = [r for name, r in results.items() if re.search(r"-s\d+$", name)]
+    students = [r for name, r in results.items() if is_student_run(name)]
     summary = {
         "plan": plan.__dict__,
         "seeds": {"hh": args.seeds, "bundled": args.bundled_seeds},
