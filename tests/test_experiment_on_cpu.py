@@ -2,6 +2,7 @@
 read from a teacher cache entry, the per-arm summaries paired by seed, the order runs start in
 and the extra evaluations. The training runs it drives are the CLI's, tested elsewhere."""
 
+import concurrent.futures
 import json
 import sys
 import time
@@ -133,6 +134,23 @@ def test_a_failed_run_stops_the_runs_that_wait_for_it():
     lanes.add("teacher", fail)
     lanes.add("tvkd-s0", lambda: ran.append("tvkd-s0"), after=["teacher"])
     with pytest.raises(RuntimeError, match="run teacher failed"):
+        lanes.results()
+    assert ran == []
+
+
+def test_a_failed_run_stops_the_queued_runs_of_its_own_lane():
+    """One lane: the run queued behind the failed one waits for nothing, and the lane's thread
+    takes it as soon as the failure is raised, before results() could cancel it."""
+    ran = []
+
+    def fail():
+        raise RuntimeError("run bundled-dpo-s0 failed")
+
+    lanes = experiment.Lanes(1)
+    lanes.add("bundled-dpo-s0", fail)
+    lanes.add("bundled-tvkd-s0", lambda: ran.append("bundled-tvkd-s0"))
+    concurrent.futures.wait(lanes.futures.values())  # the lane has taken both
+    with pytest.raises(RuntimeError, match="run bundled-dpo-s0 failed"):
         lanes.results()
     assert ran == []
 

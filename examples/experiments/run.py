@@ -40,6 +40,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -268,6 +269,9 @@ class Lanes:
     def __init__(self, lanes: int):
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=lanes)
         self.futures: dict[str, concurrent.futures.Future] = {}
+        # Set by the failing run itself: its lane takes the next queued run at once, before
+        # results() could cancel it.
+        self.failed = threading.Event()
 
     def add(self, name: str, job, after: Sequence[str] = ()) -> None:
         waits = [self.futures[n] for n in after]
@@ -275,7 +279,13 @@ class Lanes:
         def run():
             for wait in waits:
                 wait.result()  # re-raises that run's failure
-            return job()
+            if self.failed.is_set():
+                raise RuntimeError(f"{name} not started: an earlier run failed")
+            try:
+                return job()
+            except BaseException:
+                self.failed.set()
+                raise
 
         self.futures[name] = self.pool.submit(run)
 
