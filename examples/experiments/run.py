@@ -201,6 +201,7 @@ class Runner:
         command = [sys.executable, str(REPO / "jobs" / "tvkd.py"), "--config", str(config)]
         command += [f"--{a}" for a in args]
         log(f"start {name}")
+        started = time.time()
         with open(self.logs / f"{name}.log", "w") as fh:
             fh.write(" ".join(command) + "\n\n")
             fh.flush()
@@ -208,7 +209,7 @@ class Runner:
         if proc.returncode != 0:
             tail = (self.logs / f"{name}.log").read_text().splitlines()[-15:]
             raise RuntimeError(f"run {name} failed (exit {proc.returncode}):\n" + "\n".join(tail))
-        result = {"name": name, **self.history(name)}
+        result = {"name": name, "seconds": round(time.time() - started, 1), **self.history(name)}
         log(f"done  {name} in {result['seconds']:.0f} s")
         return result
 
@@ -242,8 +243,10 @@ class Runner:
         return scores
 
     def history(self, name: str) -> dict:
-        """Eval metric histories [(step, value)] of the run and its duration, read back from its
-        MLflow store: a run that a later call finds finished keeps the time it took."""
+        """Eval metric histories [(step, value)] of the run, read back from its MLflow store,
+        and the MLflow run's duration: training and eval, without any scoring before training.
+        Unlike the CLI call's wall time (``seconds``) it stays right for a run that a stopped
+        runner left to finish alone."""
         from mlflow.tracking import MlflowClient
 
         run_id = (self.runs / name / "mlflow_run_id").read_text().strip()
@@ -256,7 +259,7 @@ class Runner:
             out[key] = sorted(by_step.items())
         if run.info.status != "FINISHED" or "eval/loss" not in out:
             raise RuntimeError(f"run {name}: MLflow run {run_id} is {run.info.status}, no eval")
-        out["seconds"] = round((run.info.end_time - run.info.start_time) / 1000, 1)
+        out["mlflow_seconds"] = round((run.info.end_time - run.info.start_time) / 1000, 1)
         return out
 
 
