@@ -10,7 +10,7 @@
    are ``teacher.ref_model`` of the implicit_reward potential. Students: SmolLM2's first 2 layers
    SFT'd on the chosen responses (``run.stage=sft``), on HH and on the bundled data.
 3. Every arm (plain DPO; TVKD with the implicit-reward potential and with the authors' bounded
-   soft value at two strengths; the authors' released recipe, ``loss.objective=release``; DPO +
+   soft value at three strengths; the authors' released recipe, ``loss.objective=release``; DPO +
    KD) with each seed: same steps, learning rate and data; the seed changes the data order. Runs
    that share the teacher's work wait for the one that fills its cache entry.
 4. The same comparison on the bundled dataset, against its ground truth (the chosen answer is
@@ -95,13 +95,16 @@ BOUNDED_TOPK = [*BOUNDED, "loss.potential_support=top_k", "teacher.top_k=50"]
 HH_ARMS = {
     "dpo": ["run.stage=dpo"],
     "tvkd-ir-c0.1": ["loss.potential=implicit_reward", "loss.alpha=1.0", "loss.gamma=0.9"],
+    "tvkd-bounded-c0.05": [*BOUNDED_TOPK, "loss.alpha=0.5", "loss.gamma=0.9"],
     "tvkd-bounded-c0.1": [*BOUNDED_TOPK, "loss.alpha=1.0", "loss.gamma=0.9"],
     "tvkd-bounded-c0.5": [*BOUNDED_TOPK, "loss.alpha=5.0", "loss.gamma=0.9"],
     "release": ["loss.objective=release", "loss.gamma=1.0", "teacher.top_k=50"],
-    "dpo+kd": ["loss.alpha=0", "loss.kd_weight=0.1"],
+    "dpo+kd": ["loss.alpha=0", "loss.kd_weight=0.1", "teacher.top_k=32"],
 }
 # The bundled comparison has no DPO-trained teacher: the untrained SmolLM2's bounded soft value.
-BUNDLED_ARMS = {k: HH_ARMS[k] for k in ("dpo", "tvkd-bounded-c0.1", "tvkd-bounded-c0.5")}
+BUNDLED_ARMS = {
+    k: HH_ARMS[k] for k in ("dpo", "tvkd-bounded-c0.05", "tvkd-bounded-c0.1", "tvkd-bounded-c0.5")
+}
 
 
 def log(message: str) -> None:
