@@ -128,8 +128,9 @@ def test_stream_delivers_every_pair_once_with_direct_values(ray_cluster, make_co
 
 def assert_student_matches_reference_exactly(rows: pa.Table, paths) -> None:
     """At step 0 the student is the reference: its log-probs, in micro-batches of another size
-    (other padding) than the reference pool's, equal the streamed ones to the bit, so every
-    policy/reference margin is exactly 0 (same device type, same numerics)."""
+    (other padding) than the reference pool's, equal the streamed ones up to float summation
+    order (same device type, same numerics). On some CPUs (AVX-512 GEMM kernels blocked by batch
+    size) the last bits differ with the padding: 4e-6 on a sum of -62.9 was seen."""
     policy = ResponseLogps(load_model(paths.student_init))
     pad_id = load_tokenizer(paths.student_init).pad_token_id
     for start in range(0, rows.num_rows, 3):
@@ -139,7 +140,8 @@ def assert_student_matches_reference_exactly(rows: pa.Table, paths) -> None:
             logps, _ = policy(batch.input_ids, batch.attention_mask, batch.response_mask)
         sides = batch.sides(row_sums(logps, batch.response_mask))
         for got, column in zip((sides.chosen, sides.rejected), schema.REF_LOGPS, strict=True):
-            assert got.tolist() == table.column(column).to_pylist()
+            want = torch.tensor(table.column(column).to_pylist())
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=0.0)
 
 
 def test_teacher_cache_reuses_matching_parquet_and_recomputes_on_change(
