@@ -123,10 +123,10 @@ def test_stream_delivers_every_pair_once_with_direct_values(ray_cluster, make_co
     # Streamed, not cached: the executed plan ran both model pools.
     stats = train.stats()
     assert "TeacherPotentials" in stats and "ReferenceLogps" in stats
-    assert_student_matches_reference_exactly(rows, paths)
+    assert_student_matches_reference(rows, paths)
 
 
-def assert_student_matches_reference_exactly(rows: pa.Table, paths) -> None:
+def assert_student_matches_reference(rows: pa.Table, paths) -> None:
     """At step 0 the student is the reference: its log-probs, in micro-batches of another size
     (other padding) than the reference pool's, equal the streamed ones up to float summation
     order (same device type, same numerics). On some CPUs (AVX-512 GEMM kernels blocked by batch
