@@ -108,9 +108,7 @@ def check_tokenizers(cfg: TVKDConfig) -> Tokenizers:
 
 def _check_top_k(cfg: TVKDConfig, teacher_tok) -> None:
     """teacher.top_k must leave a rest bucket: fewer tokens than the teacher's vocabulary."""
-    if (cfg.uses_top_k or cfg.loss.potential_support == "top_k") and cfg.teacher.top_k >= len(
-        teacher_tok
-    ):
+    if (cfg.uses_top_k or cfg.loss.sums_top_k) and cfg.teacher.top_k >= len(teacher_tok):
         raise ConfigError(
             f"teacher.top_k: {cfg.teacher.top_k} must be smaller than the teacher's vocabulary "
             f"({len(teacher_tok)} tokens), so that a rest bucket remains"

@@ -62,7 +62,7 @@ def roles(cfg: TVKDConfig, paths: ModelPaths) -> list[Role]:
             tau=loss.tau,
             q_scale=loss.q_scale,
             normalize=loss.potential_normalize,
-            support_top_k=teacher.top_k if loss.potential_support == "top_k" else 0,
+            support_top_k=teacher.top_k if loss.sums_top_k else 0,
             ref_model=paths.teacher_ref,
             beta=teacher.beta,
             top_k=teacher.top_k if cfg.uses_top_k else 0,

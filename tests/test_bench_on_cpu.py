@@ -48,7 +48,16 @@ def _library_step(bench: Bench, cfg, table):
     """(loss, sums) of the trainer's StudentStep on ``table`` scored by the actor classes."""
     teacher, student = bench.model("teacher"), bench.model("student")
     if cfg.uses_teacher:
-        table = TeacherPotentials(TeacherSpec(teacher, dtype="float32"))(table)
+        loss = cfg.loss
+        spec = TeacherSpec(
+            teacher,
+            dtype="float32",
+            tau=loss.tau,
+            q_scale=loss.q_scale,
+            normalize=loss.potential_normalize,
+            support_top_k=cfg.teacher.top_k if loss.sums_top_k else 0,
+        )
+        table = TeacherPotentials(spec)(table)
     table = ReferenceLogps(FrozenModelSpec(student, dtype="float32"))(table)
     policy = ResponseLogps(load_model(student)).train()
     pad_id = load_tokenizer(student).pad_token_id

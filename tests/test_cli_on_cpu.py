@@ -127,7 +127,7 @@ def _catalogue(tmp: Path) -> list[tuple[list[str], str]]:
         (["--loss.objective", "release", "--run.stage", "dpo"], "so run.stage must be tvkd"),
         (["--loss.objective", "reinforce"], "loss.objective: must be one of tvkd | release"),
         (
-            ["--loss.potential_support", "top_k"],
+            ["--loss.potential_normalize", "false", "--loss.potential_support", "top_k"],
             "loss.potential_support: top_k sums probabilities into a rest bucket, so it needs "
             "loss.potential_normalize=true",
         ),
@@ -144,14 +144,10 @@ def _catalogue(tmp: Path) -> list[tuple[list[str], str]]:
             [
                 "--loss.potential",
                 "implicit_reward",
-                "--loss.potential_normalize",
-                "true",
                 "--loss.potential_support",
                 "top_k",
                 "--teacher.ref_model",
                 "tiny-teacher",
-                "--loss.q_scale",
-                "0.7",
             ],
             "loss.potential_support: top_k is the support of the soft_value potential",
         ),

@@ -101,6 +101,26 @@ def test_bad_config_gives_one_line_error(overrides, message):
     assert "\n" not in text
 
 
+@pytest.mark.parametrize(
+    ("overrides", "support_top_k"),
+    [
+        ([], 50),
+        (["teacher.top_k=20"], 20),
+        (["loss.potential_support=vocab"], 0),
+        (["loss.potential_normalize=false"], 0),
+        (["loss.potential=implicit_reward", "teacher.ref_model=r"], 0),
+        (["loss.objective=release"], 0),
+    ],
+)
+def test_the_default_potential_sums_over_the_teachers_top_k(overrides, support_top_k):
+    """potential_support auto: the bounded soft value's support is teacher.top_k + a rest bucket;
+    the raw-logit soft value, implicit_reward and release sum over no top-k."""
+    cfg = load_config(None, overrides)
+    paths = ModelPaths(tokenizer="s", student_init="s", reference="s", teacher="t")
+    (teacher,) = [role for role in pools.roles(cfg, paths) if role.name == "teacher"]
+    assert teacher.spec.support_top_k == support_top_k
+
+
 def test_dpo_stage_needs_no_teacher():
     cfg = load_config(None, ["run.stage=dpo", "teacher.model=null"])
     assert not cfg.uses_teacher and Objective.from_config(cfg).alpha == 0.0

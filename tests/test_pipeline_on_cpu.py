@@ -99,6 +99,7 @@ def assert_every_pair_once_with_direct_values(rows: pa.Table, cfg, paths) -> Non
         "tau": cfg.loss.tau,
         "q_scale": cfg.loss.q_scale,
         "normalize": cfg.loss.potential_normalize,
+        "top_k": cfg.teacher.top_k if cfg.loss.sums_top_k else 0,
     }
     potentials = direct_columns(
         rows, lambda p, r: direct_soft_value(teacher, p, r, **soft_value_settings)
