@@ -51,6 +51,7 @@ def test_yaml_then_overrides_with_types(tmp_path):
         (["train.use_gpu=3"], "train.use_gpu: expected bool"),
         (["loss.gamma=1.5"], "loss.gamma: must be in [0, 1], got 1.5"),
         (["loss.alpha=-0.1"], "loss.alpha: must be >= 0, got -0.1"),
+        (["loss.q_scale=1.0"], "loss.q_scale: equal to loss.tau with loss.potential_normalize"),
         (["run.stage=ppo"], "run.stage: must be one of tvkd | dpo | sft, got 'ppo'"),
         (["teacher.model=null"], "teacher.model: run.stage=tvkd needs a teacher model"),
         (
@@ -119,6 +120,16 @@ def test_the_default_potential_sums_over_the_teachers_top_k(overrides, support_t
     paths = ModelPaths(tokenizer="s", student_init="s", reference="s", teacher="t")
     (teacher,) = [role for role in pools.roles(cfg, paths) if role.name == "teacher"]
     assert teacher.spec.support_top_k == support_top_k
+
+
+def test_q_scale_equal_to_tau_is_refused_only_where_the_bounded_soft_value_is_used():
+    """q = tau zeroes the normalised soft value; implicit_reward and release do not use it."""
+    ir = load_config(
+        None, ["loss.potential=implicit_reward", "teacher.ref_model=r", "loss.tau=0.7"]
+    )
+    release = load_config(None, ["loss.objective=release", "loss.q_scale=1.0"])
+    raw = load_config(None, ["loss.potential_normalize=false", "loss.q_scale=1.0"])
+    assert not any(c.loss.normalised_soft_value for c in (ir, release, raw))
 
 
 def test_dpo_stage_needs_no_teacher():

@@ -92,14 +92,17 @@ SMOKE = Plan(
 # potential (docs/RESULTS.md); DPO + KD is the distillation baseline.
 BOUNDED = ["loss.potential=soft_value", "loss.potential_normalize=true", "loss.q_scale=0.7"]
 BOUNDED_TOPK = [*BOUNDED, "loss.potential_support=top_k", "teacher.top_k=50"]
+# The arms whose Φ the loss does not use keep the raw-logit soft value they ran with (its row in
+# docs/RESULTS.md §1), so a rerun reproduces them and reads their caches.
+RAW = ["loss.potential_normalize=false", "loss.q_scale=1.0"]
 HH_ARMS = {
     "dpo": ["run.stage=dpo"],
     "tvkd-ir-c0.1": ["loss.potential=implicit_reward", "loss.alpha=1.0", "loss.gamma=0.9"],
     "tvkd-bounded-c0.05": [*BOUNDED_TOPK, "loss.alpha=0.5", "loss.gamma=0.9"],
     "tvkd-bounded-c0.1": [*BOUNDED_TOPK, "loss.alpha=1.0", "loss.gamma=0.9"],
     "tvkd-bounded-c0.5": [*BOUNDED_TOPK, "loss.alpha=5.0", "loss.gamma=0.9"],
-    "release": ["loss.objective=release", "loss.gamma=1.0", "teacher.top_k=50"],
-    "dpo+kd": ["loss.alpha=0", "loss.kd_weight=0.1", "teacher.top_k=32"],
+    "release": ["loss.objective=release", "loss.gamma=1.0", "teacher.top_k=50", *RAW],
+    "dpo+kd": ["loss.alpha=0", "loss.kd_weight=0.1", "teacher.top_k=32", *RAW],
 }
 # The bundled comparison has no DPO-trained teacher: the untrained SmolLM2's bounded soft value.
 BUNDLED_ARMS = {
