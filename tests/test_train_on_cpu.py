@@ -173,6 +173,10 @@ def _check_run_story(client, run, train_pairs: int, eval_pairs: int) -> None:
     assert flavors["transformers"]["task"] == "text-generation" and "python_function" in flavors
     tags = run.data.tags
     assert tags["mlflow.note.content"].startswith("**TVKD**")
+    assert (
+        "potential Φ: bounded `soft_value` of the log-probabilities (q = 0.7, τ = 1.0, "
+        "top-50 + rest)" in tags["mlflow.note.content"]
+    )
     assert tags["mlflow.source.name"] and tags["mlflow.source.type"] == "LOCAL"
     assert tags["tvkd.potential"] == "soft_value" and tags["tvkd.alpha_one_minus_gamma"] == "0.05"
     assert run.info.end_time >= run.info.start_time > 0

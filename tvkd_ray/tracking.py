@@ -175,8 +175,9 @@ def describe(config: TVKDConfig) -> str:
         what = (
             f"**TVKD** distillation of teacher `{config.teacher.model}` into student `{student}`: "
             f"DPO (β = {loss.beta}, reference `{reference}`) plus the teacher-value shaping "
-            f"reward α·S with potential Φ = `{loss.potential}` (α = {loss.alpha}, "
-            f"γ = {loss.gamma}, α(1−γ) = {loss.alpha * (1.0 - loss.gamma):.4g}). "
+            f"reward α·S (α = {loss.alpha}, γ = {loss.gamma}, "
+            f"α(1−γ) = {loss.alpha * (1.0 - loss.gamma):.4g}); potential Φ: "
+            f"{_potential_text(config)}. "
             f"Scores cached: teacher `{config.teacher.cache}`, "
             f"reference `{config.reference.cache}`."
         )
@@ -188,6 +189,20 @@ def describe(config: TVKDConfig) -> str:
         f"lr {train.lr}, {steps}. Artifacts: `config.yaml` (the resolved config)"
         + (", `shaping_terms.png` (per-token shaping of eval pairs)" if config.uses_teacher else "")
         + f"; the final student is the logged model `{MODEL_NAME}`."
+    )
+
+
+def _potential_text(config: TVKDConfig) -> str:
+    """Which potential, in words: soft_value's kind depends on three more keys."""
+    loss = config.loss
+    if loss.potential != "soft_value":
+        return f"`{loss.potential}`"
+    if not loss.potential_normalize:
+        return f"`soft_value` of the raw logits (q = {loss.q_scale}, τ = {loss.tau})"
+    support = f"top-{config.teacher.top_k} + rest" if loss.sums_top_k else "whole vocabulary"
+    return (
+        f"bounded `soft_value` of the log-probabilities (q = {loss.q_scale}, τ = {loss.tau}, "
+        f"{support})"
     )
 
 
