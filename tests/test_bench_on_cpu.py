@@ -8,6 +8,7 @@ timed tests, and come from ``python jobs/bench.py`` on a quiet machine (docs/BEN
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,9 @@ from benchmarks.common import QUICK, Bench  # noqa: E402
 
 from actors.inference import FrozenModelSpec  # noqa: E402
 from actors.reference import ReferenceLogps  # noqa: E402
-from actors.teacher import TeacherPotentials, TeacherSpec  # noqa: E402
+from actors.teacher import TeacherPotentials  # noqa: E402
+from driver.inputs import ModelPaths  # noqa: E402
+from driver.pools import roles  # noqa: E402
 from tvkd_ray.forward import ResponseLogps  # noqa: E402
 from tvkd_ray.models import load_model, load_tokenizer, resolve_model  # noqa: E402
 from tvkd_ray.step import Objective, StudentStep  # noqa: E402
@@ -48,16 +51,11 @@ def _library_step(bench: Bench, cfg, table):
     """(loss, sums) of the trainer's StudentStep on ``table`` scored by the actor classes."""
     teacher, student = bench.model("teacher"), bench.model("student")
     if cfg.uses_teacher:
-        loss = cfg.loss
-        spec = TeacherSpec(
-            teacher,
-            dtype="float32",
-            tau=loss.tau,
-            q_scale=loss.q_scale,
-            normalize=loss.potential_normalize,
-            support_top_k=cfg.teacher.top_k if loss.sums_top_k else 0,
+        paths = ModelPaths(
+            student_init=student, reference=student, tokenizer=student, teacher=teacher
         )
-        table = TeacherPotentials(spec)(table)
+        (spec,) = [role.spec for role in roles(cfg, paths) if role.name == "teacher"]
+        table = TeacherPotentials(replace(spec, dtype="float32"))(table)
     table = ReferenceLogps(FrozenModelSpec(student, dtype="float32"))(table)
     policy = ResponseLogps(load_model(student)).train()
     pad_id = load_tokenizer(student).pad_token_id
